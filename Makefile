@@ -1,0 +1,51 @@
+# qaserve: `make run` serves the embedded model, `make test` runs the test suite. Both install on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_SRC := protos/qaserve/v1
+PROTO_PKG := client/qaserve_client/v1
+ARGS ?=
+
+.PHONY: install proto proto-check run test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): constraints.txt requirements-dev.txt client/pyproject.toml server/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt \
+		-e ./client -e ./server -r requirements-dev.txt
+	touch $(STAMP)
+
+# Generates Python messages, gRPC stubs and .pyi type stubs from protos/ into the client package. protoc names
+# modules after the proto path (qaserve.v1.*); the sed moves those imports under qaserve_client.v1.
+proto: $(STAMP)
+	rm -rf $(PROTO_PKG) build/proto && mkdir -p $(PROTO_PKG) build/proto
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos -I$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+		--python_out=build/proto --grpc_python_out=build/proto --mypy_out=build/proto --mypy_grpc_out=build/proto \
+		$(PROTO_SRC)/*.proto
+	mv build/proto/qaserve/v1/* $(PROTO_PKG)/
+	sed -i -E 's/^from qaserve\.v1 import/from qaserve_client.v1 import/; s/\bqaserve\.v1\.([a-z_]+_pb2)\b/qaserve_client.v1.\1/g' \
+		$(PROTO_PKG)/*.py $(PROTO_PKG)/*.pyi
+	echo '"""Generated protobuf messages and gRPC stubs for qaserve.v1 (make proto)."""' > $(PROTO_PKG)/__init__.py
+
+proto-check: proto
+	git diff --exit-code -- $(PROTO_PKG) && test -z "$$(git status --porcelain -- $(PROTO_PKG))"
+
+run: $(STAMP)
+	$(BIN)/qaserve serve $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.load $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

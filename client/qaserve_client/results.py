@@ -1,0 +1,59 @@
+"""The answer types the client returns: frozen dataclasses that mirror AnswerResponse."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One answer span; offsets are half-open, in code points (start/end) and UTF-8 bytes (byte_*)."""
+
+    answer: str
+    score: float
+    start: int
+    end: int
+    byte_start: int
+    byte_end: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """The model that answered: configured name, loaded revision, device and dtype."""
+
+    name: str
+    revision: str
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTiming:
+    """Where the server spent one request's time, in seconds."""
+
+    total_seconds: float
+    tokenize_seconds: float
+    queue_seconds: float
+    forward_seconds: float
+    decode_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerResult:
+    """The answers to one question, best first, with the model that produced them and the server's timing."""
+
+    answers: tuple[Answer, ...]
+    model: ModelRef
+    timing: ServerTiming
+    windows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; answers use the HF pipeline's answer/score/start/end keys."""
+        return {
+            "answers": [dataclasses.asdict(answer) for answer in self.answers],
+            "model": dataclasses.asdict(self.model),
+            "timing": dataclasses.asdict(self.timing),
+            "windows": self.windows,
+        }

@@ -1,0 +1,87 @@
+"""Turns start/end logits of a request's windows into scored answer spans (the HF QA pipeline's decoding)."""
+
+from __future__ import annotations
+
+import torch
+
+from qaserve.qa.types import Answer, QAParams
+from qaserve.qa.windowing import Windows
+
+# Logit given to tokens that cannot be part of an answer, so they take no probability mass (as in the pipeline).
+MASKED_LOGIT = -10000.0
+
+
+def decode_answers(
+    context: str, windows: Windows, start_logits: torch.Tensor, end_logits: torch.Tensor, params: QAParams
+) -> list[Answer]:
+    """Best answers over all windows, highest score first.
+
+    start_logits/end_logits: float tensors [windows, length], right-padded past each window's tokens. Per window,
+    probabilities are a softmax over its answer tokens (context + CLS); a span scores p_start x p_end for
+    start <= end < start + max_answer_len, CLS excluded. Spans that give the same text (case-insensitively) add
+    their scores, the first one's offsets kept. With handle_impossible_answer the empty answer scores the lowest
+    CLS probability over windows.
+    """
+    n_windows, length = start_logits.shape
+    mask = torch.zeros((n_windows, length), dtype=torch.bool)
+    for w, window_mask in enumerate(windows.answer_masks):
+        mask[w, : len(window_mask)] = torch.tensor(window_mask, dtype=torch.bool)
+
+    start = torch.softmax(torch.where(mask, start_logits.float(), MASKED_LOGIT), dim=-1)
+    end = torch.softmax(torch.where(mask, end_logits.float(), MASKED_LOGIT), dim=-1)
+    null_score = float((start[:, 0] * end[:, 0]).min())
+    start[:, 0] = 0.0
+    end[:, 0] = 0.0
+
+    # scores[w, i, k] = p_start[i] * p_end[i + k] for 0 <= k < max_answer_len: only the band of allowed spans,
+    # so memory grows with windows x length x max_answer_len, not length squared.
+    span = min(params.max_answer_len, length)
+    padded_end = torch.nn.functional.pad(end, (0, span - 1))
+    scores = (start[:, :, None] * padded_end.unfold(1, span, 1)).reshape(n_windows, -1)
+
+    # The pipeline keeps extra candidates per window when aligning to words: several token spans can widen to
+    # the same words and merge.
+    per_window = params.top_k * 2 + 10 if params.align_to_words else params.top_k
+    top_scores, top_index = torch.topk(scores, k=min(per_window, scores.shape[1]), dim=-1)
+
+    answers: list[Answer] = []
+    by_text: dict[str, int] = {}
+    for w in range(n_windows):
+        encoding = windows.encodings[w]
+        for score, index in zip(top_scores[w].tolist(), top_index[w].tolist(), strict=True):
+            if score <= 0.0:
+                break  # only masked or out-of-band spans are left in this window
+            s, k = divmod(index, span)
+            e = s + k
+            char_start, char_end = _char_span(encoding, s, e, windows.context_index, params.align_to_words)
+            text = context[char_start:char_end]
+            key = text.lower()
+            if key in by_text:
+                known = answers[by_text[key]]
+                answers[by_text[key]] = Answer(
+                    known.answer, known.score + score, known.start, known.end, known.byte_start, known.byte_end
+                )
+            else:
+                by_text[key] = len(answers)
+                byte_start = len(context[:char_start].encode("utf-8"))
+                byte_end = byte_start + len(text.encode("utf-8"))
+                answers.append(Answer(text, score, char_start, char_end, byte_start, byte_end))
+
+    if params.handle_impossible_answer:
+        answers.append(Answer("", null_score, 0, 0, 0, 0))
+    answers.sort(key=lambda a: a.score, reverse=True)
+    return answers[: params.top_k]
+
+
+def _char_span(encoding: object, s: int, e: int, context_index: int, align_to_words: bool) -> tuple[int, int]:
+    """Character span of tokens s..e, widened to whole words when asked and the tokenizer knows words."""
+    if align_to_words:
+        start_word = encoding.token_to_word(s)  # type: ignore[attr-defined]
+        end_word = encoding.token_to_word(e)  # type: ignore[attr-defined]
+        if start_word is not None and end_word is not None:
+            start_chars = encoding.word_to_chars(start_word, context_index)  # type: ignore[attr-defined]
+            end_chars = encoding.word_to_chars(end_word, context_index)  # type: ignore[attr-defined]
+            if start_chars is not None and end_chars is not None:
+                return int(start_chars[0]), int(end_chars[1])
+    offsets = encoding.offsets  # type: ignore[attr-defined]
+    return int(offsets[s][0]), int(offsets[e][1])

@@ -1,0 +1,102 @@
+"""Protocol-free request and answer types of the QA core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qaserve.errors import InvalidArgument
+
+MAX_TOP_K = 20
+
+
+@dataclass(frozen=True)
+class QAParams:
+    """Decoding parameters, with the Hugging Face question-answering pipeline's defaults.
+
+    max_seq_len and doc_stride stay None until a model resolves them (they depend on its limits).
+    """
+
+    top_k: int = 1
+    max_answer_len: int = 15
+    max_seq_len: int | None = None
+    doc_stride: int | None = None
+    max_question_len: int = 64
+    handle_impossible_answer: bool = False
+    align_to_words: bool = True
+
+
+@dataclass(frozen=True)
+class QARequest:
+    """One question about one context, for the model named `model` ("" = the default)."""
+
+    question: str
+    context: str
+    model: str = ""
+    params: QAParams = field(default_factory=QAParams)
+
+    def validate(self, max_context_chars: int) -> None:
+        """Checks what needs no model: non-empty text, context size, numeric ranges."""
+        if not self.question.strip():
+            raise InvalidArgument("question", "must contain a non-whitespace character")
+        if not self.context.strip():
+            raise InvalidArgument("context", "must contain a non-whitespace character")
+        if len(self.context) > max_context_chars:
+            raise InvalidArgument(
+                "context", f"is {len(self.context)} characters; this server accepts at most {max_context_chars}"
+            )
+        p = self.params
+        if not 1 <= p.top_k <= MAX_TOP_K:
+            raise InvalidArgument("top_k", f"must be between 1 and {MAX_TOP_K}, got {p.top_k}")
+        if p.max_answer_len < 1:
+            raise InvalidArgument("max_answer_len", f"must be at least 1, got {p.max_answer_len}")
+        if p.max_question_len < 1:
+            raise InvalidArgument("max_question_len", f"must be at least 1, got {p.max_question_len}")
+        if p.doc_stride is not None and p.doc_stride < 0:
+            raise InvalidArgument("doc_stride", f"must not be negative, got {p.doc_stride}")
+        if p.max_seq_len is not None and p.doc_stride is not None and p.doc_stride > p.max_seq_len:
+            raise InvalidArgument(
+                "doc_stride", f"({p.doc_stride}) must not be larger than max_seq_len ({p.max_seq_len})"
+            )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer span; start/end are code point offsets, byte_start/byte_end UTF-8 byte offsets."""
+
+    answer: str
+    score: float
+    start: int
+    end: int
+    byte_start: int
+    byte_end: int
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model answered, and where it ran."""
+
+    name: str
+    revision: str
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Server-side seconds spent on one request."""
+
+    total: float = 0.0
+    tokenize: float = 0.0
+    queue: float = 0.0
+    forward: float = 0.0
+    decode: float = 0.0
+
+
+@dataclass(frozen=True)
+class QAResult:
+    """The answers to one request, best first."""
+
+    answers: tuple[Answer, ...]
+    model: ModelRef
+    timing: Timing
+    windows: int

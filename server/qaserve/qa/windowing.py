@@ -1,0 +1,110 @@
+"""Splits question + context into overlapping model windows, as the Hugging Face QA pipeline does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qaserve.errors import InvalidArgument
+from qaserve.qa.types import QAParams
+
+DEFAULT_MAX_SEQ_LEN = 384
+DEFAULT_DOC_STRIDE = 128
+MIN_MAX_SEQ_LEN = 16
+
+
+@dataclass(frozen=True)
+class Windows:
+    """One request's windows: token ids for the model and what decoding needs to map tokens back to text."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    # True where a token may begin or end an answer: the context's tokens, plus CLS (the no-answer slot).
+    answer_masks: list[list[bool]]
+    # tokenizers.Encoding per window: offsets, token_to_word, word_to_chars.
+    encodings: list[Any]
+    # The context's sequence index inside a window (1 when the question comes first).
+    context_index: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def resolve_params(params: QAParams, model_max_len: int) -> QAParams:
+    """Fills max_seq_len/doc_stride from the model's limits and checks the model-dependent ranges."""
+    max_seq_len = params.max_seq_len
+    if max_seq_len is None:
+        max_seq_len = min(DEFAULT_MAX_SEQ_LEN, model_max_len)
+    elif not MIN_MAX_SEQ_LEN <= max_seq_len <= model_max_len:
+        raise InvalidArgument(
+            "max_seq_len", f"must be between {MIN_MAX_SEQ_LEN} and {model_max_len} for this model, got {max_seq_len}"
+        )
+    doc_stride = params.doc_stride
+    if doc_stride is not None and doc_stride > max_seq_len:
+        raise InvalidArgument("doc_stride", f"({doc_stride}) must not be larger than max_seq_len ({max_seq_len})")
+    return QAParams(
+        top_k=params.top_k,
+        max_answer_len=params.max_answer_len,
+        max_seq_len=max_seq_len,
+        doc_stride=doc_stride,
+        max_question_len=params.max_question_len,
+        handle_impossible_answer=params.handle_impossible_answer,
+        align_to_words=params.align_to_words,
+    )
+
+
+def split_into_windows(tokenizer: Any, question: str, context: str, params: QAParams) -> Windows:
+    """Tokenizes into windows of at most params.max_seq_len tokens overlapping by doc_stride.
+
+    `params` must come from resolve_params. Raises InvalidArgument when the question leaves no room for context
+    or doc_stride does not fit the room left.
+    """
+    assert params.max_seq_len is not None
+    question = question.lstrip()
+    question_first = tokenizer.padding_side == "right"
+    question_len = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+    if question_len > params.max_question_len:
+        raise InvalidArgument(
+            "question", f"is {question_len} tokens; max_question_len is {params.max_question_len}"
+        )
+    room = params.max_seq_len - question_len - tokenizer.num_special_tokens_to_add(pair=True)
+    if room < 1:
+        raise InvalidArgument(
+            "question", f"is {question_len} tokens, leaving no room for context in max_seq_len {params.max_seq_len}"
+        )
+    if params.doc_stride is None:
+        # The pipeline's default; kept below the room the tokenizer needs to make progress between windows.
+        doc_stride = min(DEFAULT_DOC_STRIDE, params.max_seq_len // 2, room - 1)
+    elif params.doc_stride >= room:
+        raise InvalidArgument(
+            "doc_stride",
+            f"({params.doc_stride}) must be smaller than the {room} context tokens a window holds "
+            f"(max_seq_len {params.max_seq_len} minus the question and special tokens)",
+        )
+    else:
+        doc_stride = params.doc_stride
+
+    encoded = tokenizer(
+        text=question if question_first else context,
+        text_pair=context if question_first else question,
+        truncation="only_second" if question_first else "only_first",
+        max_length=params.max_seq_len,
+        stride=doc_stride,
+        return_token_type_ids=True,
+        return_overflowing_tokens=True,
+    )
+    context_index = 1 if question_first else 0
+    encodings = encoded.encodings
+    cls_id = tokenizer.cls_token_id
+    answer_masks = [
+        [seq == context_index or token == cls_id for seq, token in zip(enc.sequence_ids, enc.ids, strict=True)]
+        for enc in encodings
+    ]
+    uses_token_types = "token_type_ids" in tokenizer.model_input_names
+    return Windows(
+        input_ids=[list(enc.ids) for enc in encodings],
+        token_type_ids=[list(enc.type_ids) for enc in encodings] if uses_token_types else None,
+        answer_masks=answer_masks,
+        encodings=list(encodings),
+        context_index=context_index,
+    )

@@ -1,0 +1,124 @@
+"""The request path: admission, tokenizing, batched forward passes and decoding, with timings and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from typing import ParamSpec, TypeVar
+
+import torch
+
+from qaserve.errors import Overloaded
+from qaserve.metrics import Metrics
+from qaserve.qa import Answer, QAParams, QARequest, QAResult, Timing, Windows, decode_answers
+from qaserve.qa.types import ModelRef
+from qaserve.runtime.model import QAModel, WindowLogits
+from qaserve.runtime.registry import ModelRegistry
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class QAEngine:
+    """Answers QARequests. At most `max_in_flight` requests are admitted at once; the rest get Overloaded."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        executor: Executor,
+        metrics: Metrics,
+        max_in_flight: int = 1024,
+        max_context_chars: int = 100_000,
+        retry_after: float = 0.05,
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self.max_context_chars = max_context_chars
+        self._executor = executor
+        self._retry_after = retry_after
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @contextlib.contextmanager
+    def _admit(self) -> Iterator[None]:
+        if self._in_flight >= self.max_in_flight:
+            self.metrics.rejections.labels("overloaded").inc()
+            raise Overloaded(
+                f"the server is at its limit of {self.max_in_flight} requests in flight; retry shortly",
+                self._retry_after,
+            )
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+
+    async def answer(
+        self,
+        request: QARequest,
+        deadline: float | None = None,
+        on_window: Callable[[Windows, int, WindowLogits], None] | None = None,
+    ) -> QAResult:
+        """Answers one request. `deadline` is on the event loop's clock; `on_window` sees each scored window."""
+        started = time.perf_counter()
+        request.validate(self.max_context_chars)
+        with self._admit():
+            serving = await self.registry.get(request.model)
+            model, batcher = serving.model, serving.batcher
+            name = model.name
+            params = model.resolve(request.params)
+
+            with batcher.incoming():
+                t0 = time.perf_counter()
+                windows = await self._run(model.split, request.question, request.context, params)
+                tokenize = time.perf_counter() - t0
+            self.metrics.tokenize_duration.labels(name).observe(tokenize)
+
+            callback = None if on_window is None else (lambda i, out: on_window(windows, i, out))
+            outputs, batch_timing = await batcher.run(
+                QAModel.inputs(windows), [len(ids) for ids in windows.input_ids], deadline, callback
+            )
+            self.metrics.queue_duration.labels(name).observe(batch_timing.queue)
+
+            t0 = time.perf_counter()
+            answers = await self._run(_decode, request.context, windows, outputs, params)
+            decode = time.perf_counter() - t0
+            self.metrics.decode_duration.labels(name).observe(decode)
+
+        replica = model.replicas[0] if model.replicas else None
+        return QAResult(
+            answers=tuple(answers),
+            model=ModelRef(
+                name=name,
+                revision=model.revision,
+                device=str(replica.device) if replica else "",
+                dtype=str(model.dtype).removeprefix("torch."),
+            ),
+            timing=Timing(
+                total=time.perf_counter() - started,
+                tokenize=tokenize,
+                queue=batch_timing.queue,
+                forward=batch_timing.forward,
+                decode=decode,
+            ),
+            windows=len(windows),
+        )
+
+    async def _run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+
+def _decode(context: str, windows: Windows, outputs: list[WindowLogits], params: QAParams) -> list[Answer]:
+    """Stacks per-window logits (right-padded) and decodes them."""
+    start = torch.nn.utils.rnn.pad_sequence([o.start for o in outputs], batch_first=True)
+    end = torch.nn.utils.rnn.pad_sequence([o.end for o in outputs], batch_first=True)
+    return decode_answers(context, windows, start, end, params)

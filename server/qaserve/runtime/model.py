@@ -1,0 +1,187 @@
+"""A loaded question-answering model: tokenizer, weights and one forward replica per device."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qaserve.qa import QAParams, Windows, split_into_windows
+from qaserve.qa.windowing import resolve_params
+from qaserve.runtime.device import replica_devices, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A configured model: where its weights come from and how to run them."""
+
+    name: str
+    source: str  # a local directory, or a hub id where the network allows
+    revision: str | None = None  # hub revision (branch, tag or commit); ignored for directories
+    device: str = "auto"
+    dtype: str = "auto"
+    replicas_per_device: int = 1
+
+
+@dataclass(frozen=True)
+class WindowInput:
+    """One window's model inputs, as queued for a batch."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+
+
+@dataclass(frozen=True)
+class WindowLogits:
+    """One window's start and end logits (float32, CPU, trimmed to the window's length)."""
+
+    start: torch.Tensor
+    end: torch.Tensor
+
+
+class Replica:
+    """The model on one device, with the single thread that runs its forward passes."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, pad_token_id: int, label: str) -> None:
+        self.module = module
+        self.device = device
+        self.pad_token_id = pad_token_id
+        self.label = label
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{label}")
+
+    def forward(self, windows: list[WindowInput]) -> list[WindowLogits]:
+        """One forward pass over a padded batch of windows; runs on the replica's thread."""
+        lengths = [len(w.input_ids) for w in windows]
+        width = max(lengths)
+        input_ids = torch.full((len(windows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(windows), width), dtype=torch.long)
+        with_types = windows[0].token_type_ids is not None
+        token_type_ids = torch.zeros((len(windows), width), dtype=torch.long) if with_types else None
+        for row, (window, n) in enumerate(zip(windows, lengths, strict=True)):
+            input_ids[row, :n] = torch.tensor(window.input_ids)
+            attention_mask[row, :n] = 1
+            if token_type_ids is not None and window.token_type_ids is not None:
+                token_type_ids[row, :n] = torch.tensor(window.token_type_ids)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        with torch.inference_mode():
+            output = self.module(**{k: v.to(self.device, non_blocking=True) for k, v in inputs.items()})
+            start = output.start_logits.float().cpu()
+            end = output.end_logits.float().cpu()
+        return [WindowLogits(start[row, :n], end[row, :n]) for row, n in enumerate(lengths)]
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+class QAModel:
+    """Tokenizer + replicas of one model. Tokenizing is thread-safe; each replica runs on its own thread."""
+
+    def __init__(self, spec: ModelSpec, tokenizer: Any, replicas: list[Replica], revision: str, dtype: torch.dtype):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.replicas = replicas
+        self.revision = revision
+        self.dtype = dtype
+        limit = int(tokenizer.model_max_length)
+        config_limit = getattr(replicas[0].module.config, "max_position_embeddings", None)
+        if limit > 1_000_000 and config_limit:  # tokenizers without a recorded limit report a huge sentinel
+            limit = int(config_limit)
+        self.max_seq_len = limit
+        self.nbytes = sum(
+            t.numel() * t.element_size() for t in (*replicas[0].module.parameters(), *replicas[0].module.buffers())
+        )
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted({str(r.device) for r in self.replicas})
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> QAModel:
+        """Loads tokenizer and weights (blocking: call off the event loop) and warms every replica up."""
+        from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+        started = time.perf_counter()
+        source = spec.source
+        local = Path(source).is_dir()
+        revision = None if local else spec.revision
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"model {spec.name!r}: a fast (Rust) tokenizer is required, {source} has none")
+        replicas: list[Replica] = []
+        devices = replica_devices(spec.device)
+        dtype = resolve_dtype(spec.dtype, devices[0])
+        for device in devices:
+            module = AutoModelForQuestionAnswering.from_pretrained(
+                source, revision=revision, dtype=dtype, trust_remote_code=False
+            )
+            module.eval().to(device)
+            for i in range(spec.replicas_per_device):
+                replicas.append(Replica(module, device, int(tokenizer.pad_token_id or 0), f"{spec.name}-{device}-{i}"))
+        model = cls(spec, tokenizer, replicas, _revision(source, local, replicas[0].module), dtype)
+        model.warm_up()
+        log.info(
+            "loaded model %s from %s (%s) on %s as %s, %.1f MB, in %.2fs",
+            spec.name, source, model.revision, ",".join(model.devices), str(dtype).removeprefix("torch."),
+            model.nbytes / 1e6, time.perf_counter() - started,
+        )  # fmt: skip
+        return model
+
+    def resolve(self, params: QAParams) -> QAParams:
+        """Fills model-dependent defaults and checks model-dependent ranges."""
+        return resolve_params(params, self.max_seq_len)
+
+    def split(self, question: str, context: str, params: QAParams) -> Windows:
+        """Tokenizes into windows; `params` from resolve()."""
+        return split_into_windows(self.tokenizer, question, context, params)
+
+    @staticmethod
+    def inputs(windows: Windows) -> list[WindowInput]:
+        types = windows.token_type_ids
+        return [
+            WindowInput(ids, types[i] if types is not None else None) for i, ids in enumerate(windows.input_ids)
+        ]
+
+    def warm_up(self) -> None:
+        """One full-length forward per replica, so the first request does not pay for lazy initialisation."""
+        params = self.resolve(QAParams())
+        windows = self.split("warm up?", "warm " * (params.max_seq_len or 64), params)
+        for replica in self.replicas:
+            replica.executor.submit(replica.forward, self.inputs(windows)[:1]).result()
+
+    def close(self) -> None:
+        for replica in self.replicas:
+            replica.close()
+        self.replicas.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _revision(source: str, local: bool, module: torch.nn.Module) -> str:
+    """sha256 of the weights for a directory; the resolved commit for a hub model."""
+    if local:
+        for name in WEIGHT_FILES:
+            path = Path(source) / name
+            if path.is_file():
+                digest = hashlib.sha256()
+                with path.open("rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(chunk)
+                return f"sha256:{digest.hexdigest()}"
+        return "local"
+    return str(getattr(module.config, "_commit_hash", None) or "unknown")
