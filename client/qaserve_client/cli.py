@@ -58,9 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--question", required=True, help="the question")
     context = ask.add_mutually_exclusive_group(required=True)
     context.add_argument("--context", help="the text to find the answer in")
-    context.add_argument(
-        "--context-file", metavar="FILE", help="read the context from FILE (UTF-8); - for stdin"
-    )
+    context.add_argument("--context-file", metavar="FILE", help="read the context from FILE (UTF-8); - for stdin")
     ask.add_argument("--model", default="", help="configured model name (default: the server's default)")
     ask.add_argument("--top-k", type=int, metavar="K", help="number of answers (server default: 1)")
     ask.add_argument("--max-answer-len", type=int, metavar="N", help="longest answer, in tokens")

@@ -116,9 +116,7 @@ class QAClient:
         """Returns the grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
         try:
-            response: health_pb2.HealthCheckResponse = self._health_stub.Check(
-                request, timeout=self._deadline(timeout)
-            )
+            response: health_pb2.HealthCheckResponse = self._health_stub.Check(request, timeout=self._deadline(timeout))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from error
         return _status_name(response)

@@ -4,8 +4,41 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
-STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+STAGE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)
 WINDOW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -24,10 +57,16 @@ class Metrics:
             registry=registry,
         )
         self.in_flight = Gauge(
-            "qaserve_requests_in_flight", "Requests being served now, by method.", ["method"], registry=registry
+            "qaserve_requests_in_flight",
+            "Requests being served now, by method.",
+            ["method"],
+            registry=registry,
         )
         self.errors = Counter(
-            "qaserve_errors_total", "Requests that ended in an error, by reason.", ["reason"], registry=registry
+            "qaserve_errors_total",
+            "Requests that ended in an error, by reason.",
+            ["reason"],
+            registry=registry,
         )
         self.rejections = Counter(
             "qaserve_rejections_total",
@@ -85,5 +124,8 @@ class Metrics:
             registry=registry,
         )
         self.queue_depth = Gauge(
-            "qaserve_queue_depth_windows", "Windows waiting for a forward pass, by model.", ["model"], registry=registry
+            "qaserve_queue_depth_windows",
+            "Windows waiting for a forward pass, by model.",
+            ["model"],
+            registry=registry,
         )

@@ -69,11 +69,7 @@ class FakeQAServicer(pb_grpc.QuestionAnsweringServiceServicer):
                         message="server is overloaded",
                         details=[
                             _packed(error_details_pb2.ErrorInfo(reason="OVERLOADED", domain="qaserve")),
-                            _packed(
-                                error_details_pb2.RetryInfo(
-                                    retry_delay=duration_pb2.Duration(nanos=250_000_000)
-                                )
-                            ),
+                            _packed(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=250_000_000))),
                         ],
                     )
                 )
@@ -100,9 +96,7 @@ class FakeQAServicer(pb_grpc.QuestionAnsweringServiceServicer):
             )
         return pb.AnswerResponse(
             answers=answers,
-            model=pb.ModelRef(
-                name=request.model or "fake", revision="sha256:00", device="cpu", dtype="float32"
-            ),
+            model=pb.ModelRef(name=request.model or "fake", revision="sha256:00", device="cpu", dtype="float32"),
             timing=pb.ServerTiming(
                 total_seconds=0.5,
                 tokenize_seconds=0.1,
@@ -148,9 +142,7 @@ def start_fake_server() -> tuple[FakeServer, Callable[[], None]]:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         return server, servicer, health_servicer, port
 
-    server, servicer, health_servicer, port = asyncio.run_coroutine_threadsafe(start(), loop).result(
-        timeout=30
-    )
+    server, servicer, health_servicer, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
 
     def stop() -> None:
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(timeout=30)

@@ -57,9 +57,7 @@ def test_to_dict_is_json_with_pipeline_keys(server: FakeServer) -> None:
         result = client.answer("Where?", CONTEXT)
 
     data = json.loads(json.dumps(result.to_dict()))
-    assert data["answers"] == [
-        {"answer": "Zürich", "score": 0.9, "start": 0, "end": 6, "byte_start": 0, "byte_end": 7}
-    ]
+    assert data["answers"] == [{"answer": "Zürich", "score": 0.9, "start": 0, "end": 6, "byte_start": 0, "byte_end": 7}]
     assert data["model"] == {"name": "fake", "revision": "sha256:00", "device": "cpu", "dtype": "float32"}
     assert data["timing"]["total_seconds"] == 0.5
     assert data["windows"] == 1

@@ -59,7 +59,12 @@ def decode_answers(
             if key in by_text:
                 known = answers[by_text[key]]
                 answers[by_text[key]] = Answer(
-                    known.answer, known.score + score, known.start, known.end, known.byte_start, known.byte_end
+                    known.answer,
+                    known.score + score,
+                    known.start,
+                    known.end,
+                    known.byte_start,
+                    known.byte_end,
                 )
             else:
                 by_text[key] = len(answers)

@@ -42,7 +42,8 @@ class QARequest:
             raise InvalidArgument("context", "must contain a non-whitespace character")
         if len(self.context) > max_context_chars:
             raise InvalidArgument(
-                "context", f"is {len(self.context)} characters; this server accepts at most {max_context_chars}"
+                "context",
+                f"is {len(self.context)} characters; this server accepts at most {max_context_chars}",
             )
         p = self.params
         if not 1 <= p.top_k <= MAX_TOP_K:

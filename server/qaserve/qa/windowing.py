@@ -37,7 +37,8 @@ def resolve_params(params: QAParams, model_max_len: int) -> QAParams:
         max_seq_len = min(DEFAULT_MAX_SEQ_LEN, model_max_len)
     elif not MIN_MAX_SEQ_LEN <= max_seq_len <= model_max_len:
         raise InvalidArgument(
-            "max_seq_len", f"must be between {MIN_MAX_SEQ_LEN} and {model_max_len} for this model, got {max_seq_len}"
+            "max_seq_len",
+            f"must be between {MIN_MAX_SEQ_LEN} and {model_max_len} for this model, got {max_seq_len}",
         )
     doc_stride = params.doc_stride
     if doc_stride is not None and doc_stride > max_seq_len:
@@ -64,13 +65,12 @@ def split_into_windows(tokenizer: Any, question: str, context: str, params: QAPa
     question_first = tokenizer.padding_side == "right"
     question_len = len(tokenizer(question, add_special_tokens=False)["input_ids"])
     if question_len > params.max_question_len:
-        raise InvalidArgument(
-            "question", f"is {question_len} tokens; max_question_len is {params.max_question_len}"
-        )
+        raise InvalidArgument("question", f"is {question_len} tokens; max_question_len is {params.max_question_len}")
     room = params.max_seq_len - question_len - tokenizer.num_special_tokens_to_add(pair=True)
     if room < 1:
         raise InvalidArgument(
-            "question", f"is {question_len} tokens, leaving no room for context in max_seq_len {params.max_seq_len}"
+            "question",
+            f"is {question_len} tokens, leaving no room for context in max_seq_len {params.max_seq_len}",
         )
     if params.doc_stride is None:
         # The pipeline's default; kept below the room the tokenizer needs to make progress between windows.

@@ -35,9 +35,12 @@ class InferenceFailed(QAServeError):
 class Replica(Protocol[In, Out]):
     """Something that runs one batch at a time on its own executor."""
 
-    executor: Executor
-    label: str
-    device: object
+    @property
+    def executor(self) -> Executor: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def device(self) -> object: ...
 
     def forward(self, windows: list[In]) -> list[Out]: ...
 
@@ -201,7 +204,9 @@ class Batcher(Generic[In, Out]):
                     self._fail(work, InferenceFailed("the model failed to process this request"))
                 continue
             seconds = time.perf_counter() - started
-            self._forward_estimate = seconds if not self._forward_estimate else 0.8 * self._forward_estimate + 0.2 * seconds
+            self._forward_estimate = (
+                seconds if not self._forward_estimate else 0.8 * self._forward_estimate + 0.2 * seconds
+            )
             self._observe(replica, batch, seconds)
             for work in {job.work for _, job in batch}:
                 work.forward_seconds += seconds

@@ -153,9 +153,7 @@ class QAModel:
     @staticmethod
     def inputs(windows: Windows) -> list[WindowInput]:
         types = windows.token_type_ids
-        return [
-            WindowInput(ids, types[i] if types is not None else None) for i, ids in enumerate(windows.input_ids)
-        ]
+        return [WindowInput(ids, types[i] if types is not None else None) for i, ids in enumerate(windows.input_ids)]
 
     def warm_up(self) -> None:
         """One full-length forward per replica, so the first request does not pay for lazy initialisation."""

@@ -1,0 +1,1 @@
+"""qaserve: a gRPC inference server for extractive question answering."""

@@ -1,0 +1,5 @@
+"""gRPC layer: servicers, pb<->domain converters and the error->status mapping (no torch imports here)."""
+
+from qaserve.api.servicer import QuestionAnsweringServicer
+
+__all__ = ["QuestionAnsweringServicer"]

@@ -1,0 +1,56 @@
+"""The one place protobuf messages become domain types and back."""
+
+from __future__ import annotations
+
+from qaserve.qa import QAParams, QARequest, QAResult
+from qaserve_client.v1 import question_answering_pb2 as pb
+
+
+def qa_request(msg: pb.AnswerRequest) -> QARequest:
+    """AnswerRequest -> QARequest; unset optional fields take the pipeline defaults."""
+    defaults = QAParams()
+    return QARequest(
+        question=msg.question,
+        context=msg.context,
+        model=msg.model,
+        params=QAParams(
+            top_k=msg.top_k if msg.HasField("top_k") else defaults.top_k,
+            max_answer_len=msg.max_answer_len if msg.HasField("max_answer_len") else defaults.max_answer_len,
+            max_seq_len=msg.max_seq_len if msg.HasField("max_seq_len") else None,
+            doc_stride=msg.doc_stride if msg.HasField("doc_stride") else None,
+            max_question_len=msg.max_question_len if msg.HasField("max_question_len") else defaults.max_question_len,
+            handle_impossible_answer=msg.handle_impossible_answer,
+            align_to_words=msg.align_to_words if msg.HasField("align_to_words") else defaults.align_to_words,
+        ),
+    )
+
+
+def answer_response(result: QAResult) -> pb.AnswerResponse:
+    """QAResult -> AnswerResponse."""
+    return pb.AnswerResponse(
+        answers=[
+            pb.Answer(
+                answer=a.answer,
+                score=a.score,
+                start=a.start,
+                end=a.end,
+                byte_start=a.byte_start,
+                byte_end=a.byte_end,
+            )
+            for a in result.answers
+        ],
+        model=pb.ModelRef(
+            name=result.model.name,
+            revision=result.model.revision,
+            device=result.model.device,
+            dtype=result.model.dtype,
+        ),
+        timing=pb.ServerTiming(
+            total_seconds=result.timing.total,
+            tokenize_seconds=result.timing.tokenize,
+            queue_seconds=result.timing.queue,
+            forward_seconds=result.timing.forward,
+            decode_seconds=result.timing.decode,
+        ),
+        windows=result.windows,
+    )
