@@ -6,8 +6,9 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from fake_qaserve import FakeServer, start_fake_server
 from grpc_health.v1 import health_pb2
+
+from fake_qaserve import FakeServer, start_fake_server
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,11 @@ import json
 
 import grpc
 import pytest
-from fake_qaserve import OVERLOAD_QUESTION, PLAIN_ERROR_QUESTION, SLOW_QUESTION, FakeServer
 from grpc_health.v1 import health_pb2
 
 from qaserve_client import Answer, AnswerResult, AsyncQAClient, ModelRef, QAClient, QAServeError, ServerTiming
+
+from fake_qaserve import OVERLOAD_QUESTION, PLAIN_ERROR_QUESTION, SLOW_QUESTION, FakeServer
 
 OPTIONAL_FIELDS = (
     "top_k",

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_qaserve import FakeServer
 from grpc_health.v1 import health_pb2
 
 from qaserve_client.cli import main
+
+from fake_qaserve import FakeServer
 
 CONTEXT = "Paris is the capital of France."
 
