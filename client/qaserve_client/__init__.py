@@ -1,16 +1,21 @@
 """Client library for the qaserve extractive question-answering gRPC server."""
 
-from qaserve_client.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncQAClient, QAClient
+from qaserve_client.client import CLIENT_TIMEOUT, DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncQAClient, QAClient
 from qaserve_client.errors import QAServeError
-from qaserve_client.results import Answer, AnswerResult, ModelRef, ServerTiming
+from qaserve_client.items import ManyItem
+from qaserve_client.results import Answer, AnswerResult, ManyResult, ModelRef, Progress, ServerTiming
 
 __all__ = [
+    "CLIENT_TIMEOUT",
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
     "Answer",
     "AnswerResult",
     "AsyncQAClient",
+    "ManyItem",
+    "ManyResult",
     "ModelRef",
+    "Progress",
     "QAClient",
     "QAServeError",
     "ServerTiming",

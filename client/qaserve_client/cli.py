@@ -1,4 +1,4 @@
-"""The qaserve-client command line: ask a question, or check the server's health."""
+"""The qaserve-client command line: ask a question, answer a JSONL file of questions, or check health."""
 
 from __future__ import annotations
 
@@ -8,16 +8,23 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from qaserve_client.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, QAClient
 from qaserve_client.errors import QAServeError
-from qaserve_client.results import AnswerResult
+from qaserve_client.items import ManyItem
+from qaserve_client.results import AnswerResult, Progress
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 2
+
+_BATCH_STR_FIELDS = ("question", "context", "model")
+_BATCH_INT_FIELDS = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "max_question_len")
+_BATCH_BOOL_FIELDS = ("handle_impossible_answer", "align_to_words")
+_BATCH_FIELDS = frozenset(("id", *_BATCH_STR_FIELDS, *_BATCH_INT_FIELDS, *_BATCH_BOOL_FIELDS))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with QAClient(args.target, timeout=args.timeout) as client:
             if args.command == "health":
                 return _health(client, args)
+            if args.command == "batch":
+                return _batch(client, args)
             return _ask(client, args)
     except QAServeError as error:
         print(f"error: {error.code.name}: {error.message}", file=sys.stderr)
@@ -37,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qaserve-client", description="Ask a qaserve server a question, or check its health."
+        prog="qaserve-client",
+        description="Ask a qaserve server a question or a file of questions, or check its health.",
     )
     parser.add_argument(
         "--target",
@@ -50,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help=f"deadline of each call (default: {DEFAULT_TIMEOUT:g})",
+        help=f"deadline of each call; of the whole stream for ask --stream and batch (default: {DEFAULT_TIMEOUT:g})",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -77,6 +87,26 @@ def _parser() -> argparse.ArgumentParser:
         help="do not widen answers to whole words",
     )
     ask.add_argument("--json", action="store_true", help="print the result as JSON")
+    ask.add_argument(
+        "--stream",
+        action="store_true",
+        help="print the best answer so far as each group of windows is scored, then the result "
+        '(with --json: one JSON object per line, {"partial": ...} then {"final": ...})',
+    )
+
+    batch = commands.add_parser(
+        "batch",
+        help="answer the questions of a JSONL file over one stream, printing one JSON result per line",
+        description="Sends every line of FILE over one AnswerMany stream and prints one JSON line per result, "
+        "in the order they complete: the answers, or an error. Exits 0 when all succeed, 1 when any fails.",
+    )
+    batch.add_argument(
+        "file",
+        metavar="FILE",
+        help='JSONL, one object per line: {"id", "question", "context"} plus optional "model", '
+        + ", ".join(f'"{name}"' for name in (*_BATCH_INT_FIELDS, *_BATCH_BOOL_FIELDS))
+        + "; id defaults to the line number; - for stdin",
+    )
 
     health = commands.add_parser("health", help="print the grpc.health.v1 status; exit 0 only when SERVING")
     health.add_argument("--service", default="", help="service to check (default: the whole server)")
@@ -88,27 +118,126 @@ def _ask(client: QAClient, args: argparse.Namespace) -> int:
         context: str = args.context
     else:
         try:
-            context = _read_context(args.context_file)
+            context = _read_text(args.context_file)
         except (OSError, UnicodeDecodeError) as error:
             print(f"error: cannot read context from {args.context_file}: {error}", file=sys.stderr)
             return EXIT_FAILED
-    result = client.answer(
-        args.question,
-        context,
-        model=args.model,
-        top_k=args.top_k,
-        max_answer_len=args.max_answer_len,
-        max_seq_len=args.max_seq_len,
-        doc_stride=args.doc_stride,
-        max_question_len=args.max_question_len,
-        handle_impossible_answer=args.handle_impossible_answer,
-        align_to_words=args.align_to_words,
-    )
+    options: dict[str, Any] = {
+        "model": args.model,
+        "top_k": args.top_k,
+        "max_answer_len": args.max_answer_len,
+        "max_seq_len": args.max_seq_len,
+        "doc_stride": args.doc_stride,
+        "max_question_len": args.max_question_len,
+        "handle_impossible_answer": args.handle_impossible_answer,
+        "align_to_words": args.align_to_words,
+    }
+    if args.stream:
+        return _ask_stream(client, args.question, context, options, as_json=args.json)
+    result = client.answer(args.question, context, **options)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         _print_table(result)
     return EXIT_OK
+
+
+def _ask_stream(client: QAClient, question: str, context: str, options: dict[str, Any], *, as_json: bool) -> int:
+    # flush=True: each update is worth seeing as it arrives, also through a pipe.
+    for update in client.answer_progressive(question, context, **options):
+        if isinstance(update, Progress):
+            if as_json:
+                print(json.dumps({"partial": update.to_dict()}), flush=True)
+            else:
+                print(_progress_line(update), flush=True)
+        elif as_json:
+            print(json.dumps({"final": update.to_dict()}), flush=True)
+        else:
+            _print_table(update)
+    return EXIT_OK
+
+
+def _batch(client: QAClient, args: argparse.Namespace) -> int:
+    try:
+        text = _read_text(args.file)
+    except (OSError, UnicodeDecodeError) as error:
+        print(f"error: cannot read {args.file}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        items = _parse_batch(text)
+    except ValueError as error:
+        print(f"error: {args.file}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    pending = {item.id for item in items}
+    failed = False
+    for outcome in client.answer_many(items):
+        pending.discard(outcome.id)
+        failed = failed or outcome.error is not None
+        print(json.dumps(outcome.to_dict()), flush=True)
+    if pending:
+        print(f"error: the stream ended without a result for {len(pending)} item(s)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _parse_batch(text: str) -> list[ManyItem]:
+    """Parses every line of a batch file before anything is sent; raises ValueError naming the bad line."""
+    items: list[ManyItem] = []
+    first_line_of: dict[str, int] = {}
+    # Split on "\n" alone: str.splitlines would also split on U+2028 and others, which JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = _batch_item(line, number)
+        except ValueError as error:
+            raise ValueError(f"line {number}: {error}") from None
+        if item.id in first_line_of:
+            raise ValueError(f"line {number}: duplicate id {item.id!r}, first on line {first_line_of[item.id]}")
+        first_line_of[item.id] = number
+        items.append(item)
+    return items
+
+
+def _batch_item(line: str, number: int) -> ManyItem:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object")
+    unknown = sorted(set(data) - _BATCH_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(unknown)}")
+    item_id = data.get("id", number)
+    # bool is an int in Python but not an id, nor a count in the integer options below.
+    if isinstance(item_id, bool) or not isinstance(item_id, str | int):
+        raise ValueError('"id" must be a string or an integer')
+    for name in ("question", "context"):
+        if name not in data:
+            raise ValueError(f'missing "{name}"')
+    for name in _BATCH_STR_FIELDS:
+        if name in data and not isinstance(data[name], str):
+            raise ValueError(f'"{name}" must be a string')
+    for name in _BATCH_INT_FIELDS:
+        if data.get(name) is not None and (isinstance(data[name], bool) or not isinstance(data[name], int)):
+            raise ValueError(f'"{name}" must be an integer')
+    for name in _BATCH_BOOL_FIELDS:
+        if data.get(name) is not None and not isinstance(data[name], bool):
+            raise ValueError(f'"{name}" must be true or false')
+    return ManyItem(
+        id=str(item_id),
+        question=data["question"],
+        context=data["context"],
+        model=data.get("model", ""),
+        top_k=data.get("top_k"),
+        max_answer_len=data.get("max_answer_len"),
+        max_seq_len=data.get("max_seq_len"),
+        doc_stride=data.get("doc_stride"),
+        max_question_len=data.get("max_question_len"),
+        handle_impossible_answer=data.get("handle_impossible_answer") or False,
+        align_to_words=data.get("align_to_words"),
+    )
 
 
 def _health(client: QAClient, args: argparse.Namespace) -> int:
@@ -117,10 +246,19 @@ def _health(client: QAClient, args: argparse.Namespace) -> int:
     return EXIT_OK if status == "SERVING" else EXIT_FAILED
 
 
-def _read_context(path: str) -> str:
+def _read_text(path: str) -> str:
     if path == "-":
         return sys.stdin.read()
     return Path(path).read_text(encoding="utf-8")
+
+
+def _progress_line(progress: Progress) -> str:
+    if progress.answers:
+        best = progress.answers[0]
+        text = f"{best.answer or '(no answer)'} ({best.score:.4f})"
+    else:
+        text = "(none yet)"
+    return f"[{progress.windows_done}/{progress.windows_total}] best: {text}"
 
 
 def _print_table(result: AnswerResult) -> None:

@@ -1,22 +1,41 @@
-"""QAClient and AsyncQAClient: the qaserve.v1 Answer RPC and gRPC health checks over grpc and grpc.aio."""
+"""QAClient and AsyncQAClient: the qaserve.v1 RPCs and gRPC health checks over grpc and grpc.aio."""
 
 from __future__ import annotations
 
+import enum
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from importlib import metadata
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qaserve_client.converters import build_request, result_from_response
-from qaserve_client.errors import error_from_rpc
-from qaserve_client.results import AnswerResult
+from qaserve_client.converters import (
+    build_many_request,
+    build_request,
+    result_from_many,
+    result_from_response,
+    update_from_progressive,
+)
+from qaserve_client.errors import QAServeError, error_from_rpc
+from qaserve_client.items import ManyItem
+from qaserve_client.results import AnswerResult, ManyResult, Progress
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT = 10.0
+
+
+class ClientTimeout(enum.Enum):
+    """The type of CLIENT_TIMEOUT."""
+
+    CLIENT_TIMEOUT = "the client's timeout"
+
+
+CLIENT_TIMEOUT: Final = ClientTimeout.CLIENT_TIMEOUT
+"""The default `timeout` of the streaming calls: the client's timeout, as the deadline of the whole stream."""
 
 
 def _user_agent() -> str:
@@ -43,10 +62,48 @@ def _status_name(response: health_pb2.HealthCheckResponse) -> str:
     return name
 
 
+def _stream_deadline(timeout: float | ClientTimeout | None, client_timeout: float) -> float | None:
+    return client_timeout if timeout is CLIENT_TIMEOUT else timeout
+
+
+def _no_final_answer() -> QAServeError:
+    return QAServeError(grpc.StatusCode.INTERNAL, "the AnswerProgressive stream ended without a final answer")
+
+
+class _ManyRequests:
+    """The requests of one AnswerMany call, built from the caller's items as grpc takes them.
+
+    grpc takes them on a thread or task of its own, where an exception from the items would be logged and turn
+    into a cancelled call. Instead the requests end there, and raise_error re-raises it to the caller.
+    """
+
+    def __init__(self) -> None:
+        self._error: Exception | None = None
+
+    def of(self, items: Iterable[ManyItem]) -> Iterator[pb.AnswerManyRequest]:
+        try:
+            for item in items:
+                yield build_many_request(item)
+        except Exception as error:
+            self._error = error
+
+    async def of_async(self, items: AsyncIterable[ManyItem]) -> AsyncIterator[pb.AnswerManyRequest]:
+        try:
+            async for item in items:
+                yield build_many_request(item)
+        except Exception as error:
+            self._error = error
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
 class QAClient:
     """Blocking client for a qaserve server.
 
-    Every call carries a deadline: the call's `timeout` argument or else the client's `timeout`, in seconds.
+    Every call carries a deadline: the call's `timeout` argument or else the client's `timeout`, in seconds;
+    for the streaming calls it bounds the whole stream, and they alone accept timeout=None for no deadline.
     Failed calls raise QAServeError. Use as a context manager, or call close(), to release the channel.
     """
 
@@ -112,6 +169,90 @@ class QAClient:
             raise error_from_rpc(error) from error
         return result_from_response(response)
 
+    def answer_progressive(
+        self,
+        question: str,
+        context: str,
+        *,
+        model: str = "",
+        top_k: int | None = None,
+        max_answer_len: int | None = None,
+        max_seq_len: int | None = None,
+        doc_stride: int | None = None,
+        max_question_len: int | None = None,
+        handle_impossible_answer: bool = False,
+        align_to_words: bool | None = None,
+        timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,
+    ) -> Iterator[Progress | AnswerResult]:
+        """Answers like answer(), yielding a Progress after each group of scored windows, then the AnswerResult.
+
+        The last item is always the AnswerResult, equal to what answer() returns; a one-window context yields
+        only that. The call starts on the first next(); closing the iterator early cancels it, and the server
+        drops the remaining windows.
+
+        `timeout` is the deadline of the whole stream, in seconds: by default the client's timeout, None for
+        no deadline (unlike answer(), where None means the client's timeout). A failed call raises
+        QAServeError from the iterator, possibly after some Progress items.
+        """
+        request = pb.AnswerProgressiveRequest(
+            request=build_request(
+                question,
+                context,
+                model=model,
+                top_k=top_k,
+                max_answer_len=max_answer_len,
+                max_seq_len=max_seq_len,
+                doc_stride=doc_stride,
+                max_question_len=max_question_len,
+                handle_impossible_answer=handle_impossible_answer,
+                align_to_words=align_to_words,
+            )
+        )
+        call = self._stub.AnswerProgressive(request, timeout=_stream_deadline(timeout, self._timeout))
+        try:
+            for response in call:
+                update = update_from_progressive(response)
+                if update is None:
+                    continue
+                yield update
+                if isinstance(update, AnswerResult):
+                    return
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        finally:
+            call.cancel()
+        raise _no_final_answer()
+
+    def answer_many(
+        self,
+        items: Iterable[ManyItem],
+        *,
+        timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,
+    ) -> Iterator[ManyResult]:
+        """Answers every item on one AnswerMany stream, yielding a ManyResult for each as soon as it is ready.
+
+        Results come in no guaranteed order; match them to items by id. A failed item yields a ManyResult with
+        its `error` set and the stream goes on. `items` may be lazy: grpc takes them on a thread of its own as
+        the server accepts more, and an exception they raise is raised here. The server takes only a bounded
+        number of items ahead of the results read, so read the results as they come.
+
+        `timeout` is the deadline of the whole stream, in seconds: by default the client's timeout, None for
+        no deadline (unlike answer(), where None means the client's timeout); give a long stream a long one.
+        A failure of the stream itself (connection, deadline) raises QAServeError from the iterator. The call
+        starts on the first next(); closing the iterator early cancels it.
+        """
+        requests = _ManyRequests()
+        call = self._stub.AnswerMany(requests.of(items), timeout=_stream_deadline(timeout, self._timeout))
+        try:
+            for response in call:
+                requests.raise_error()
+                yield result_from_many(response)
+            requests.raise_error()
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        finally:
+            call.cancel()
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Returns the grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
@@ -143,6 +284,8 @@ class QAClient:
 
 class AsyncQAClient:
     """asyncio client for a qaserve server, over grpc.aio; the same API as QAClient with awaitable calls.
+
+    The streaming calls return async iterators, for `async for`.
 
     Create it inside the event loop it will be used on.
     """
@@ -209,6 +352,91 @@ class AsyncQAClient:
         except grpc.RpcError as error:
             raise error_from_rpc(error) from error
         return result_from_response(response)
+
+    async def answer_progressive(
+        self,
+        question: str,
+        context: str,
+        *,
+        model: str = "",
+        top_k: int | None = None,
+        max_answer_len: int | None = None,
+        max_seq_len: int | None = None,
+        doc_stride: int | None = None,
+        max_question_len: int | None = None,
+        handle_impossible_answer: bool = False,
+        align_to_words: bool | None = None,
+        timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,  # noqa: ASYNC109
+    ) -> AsyncIterator[Progress | AnswerResult]:
+        """Answers like answer(), yielding a Progress after each group of scored windows, then the AnswerResult.
+
+        Use with `async for`. The last item is always the AnswerResult, equal to what answer() returns; a
+        one-window context yields only that. The call starts on the first iteration; closing the iterator early
+        (contextlib.aclosing) cancels it, and the server drops the remaining windows.
+
+        `timeout` is the deadline of the whole stream, in seconds: by default the client's timeout, None for
+        no deadline (unlike answer(), where None means the client's timeout). A failed call raises
+        QAServeError from the iterator, possibly after some Progress items.
+        """
+        request = pb.AnswerProgressiveRequest(
+            request=build_request(
+                question,
+                context,
+                model=model,
+                top_k=top_k,
+                max_answer_len=max_answer_len,
+                max_seq_len=max_seq_len,
+                doc_stride=doc_stride,
+                max_question_len=max_question_len,
+                handle_impossible_answer=handle_impossible_answer,
+                align_to_words=align_to_words,
+            )
+        )
+        call = self._stub.AnswerProgressive(request, timeout=_stream_deadline(timeout, self._timeout))
+        try:
+            async for response in call:
+                update = update_from_progressive(response)
+                if update is None:
+                    continue
+                yield update
+                if isinstance(update, AnswerResult):
+                    return
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        finally:
+            call.cancel()
+        raise _no_final_answer()
+
+    async def answer_many(
+        self,
+        items: Iterable[ManyItem] | AsyncIterable[ManyItem],
+        *,
+        timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,  # noqa: ASYNC109
+    ) -> AsyncIterator[ManyResult]:
+        """Answers every item on one AnswerMany stream, yielding a ManyResult for each as soon as it is ready.
+
+        Use with `async for`. Results come in no guaranteed order; match them to items by id. A failed item
+        yields a ManyResult with its `error` set and the stream goes on. `items` may be an async iterable, taken
+        as the server accepts more; a plain iterable is taken on the event loop, so it must not block. An
+        exception the items raise is raised here. The server takes only a bounded number of items ahead of the
+        results read, so read the results as they come.
+
+        `timeout` is the deadline of the whole stream, in seconds: by default the client's timeout, None for
+        no deadline (unlike answer(), where None means the client's timeout); give a long stream a long one.
+        A failure of the stream itself (connection, deadline) raises QAServeError from the iterator.
+        """
+        requests = _ManyRequests()
+        request_iterator = requests.of_async(items) if isinstance(items, AsyncIterable) else requests.of(items)
+        call = self._stub.AnswerMany(request_iterator, timeout=_stream_deadline(timeout, self._timeout))
+        try:
+            async for response in call:
+                requests.raise_error()
+                yield result_from_many(response)
+            requests.raise_error()
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        finally:
+            call.cancel()
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:  # noqa: ASYNC109
         """Returns the grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""

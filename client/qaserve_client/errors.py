@@ -1,8 +1,9 @@
-"""QAServeError and the one conversion from grpc.RpcError, rich google.rpc.Status details included."""
+"""QAServeError and its one conversion from a google.rpc.Status, whether a failed call's or a stream item's."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 
@@ -11,6 +12,8 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from grpc_status import rpc_status
 
 logger = logging.getLogger(__name__)
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class QAServeError(Exception):
@@ -41,16 +44,28 @@ class QAServeError(Exception):
         self.field_violations = field_violations if field_violations is not None else []
         self.retry_after = retry_after
 
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict: the code's name, message, reason, field violations and retry_after."""
+        return {
+            "code": self.code.name,
+            "message": self.message,
+            "reason": self.reason,
+            "field_violations": [
+                {"field": field, "description": description} for field, description in self.field_violations
+            ],
+            "retry_after": self.retry_after,
+        }
 
-def error_from_rpc(error: grpc.RpcError) -> QAServeError:
-    """Converts a failed call from either grpc or grpc.aio into a QAServeError."""
-    # Both grpc.RpcError raised by a sync call and grpc.aio.AioRpcError are grpc.Call-like with synchronous
-    # code()/details()/trailing_metadata(), which is all from_call needs.
-    code: grpc.StatusCode = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-    message: str = (error.details() if hasattr(error, "details") else None) or ""
-    status = _rich_status(error)
-    if status is None:
-        return QAServeError(code, message)
+
+def error_from_status(status: status_pb2.Status) -> QAServeError:
+    """Converts a google.rpc.Status, with its ErrorInfo, BadRequest and RetryInfo details, into a QAServeError.
+
+    This is how AnswerMany reports a failed item, and what a failed call's rich status carries.
+    """
+    # A status that reports an error with OK, or with a code this grpc does not know, says nothing usable.
+    code = _STATUS_CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    if code == grpc.StatusCode.OK:
+        code = grpc.StatusCode.UNKNOWN
     reason: str | None = None
     violations: list[tuple[str, str]] = []
     retry_after: float | None = None
@@ -65,7 +80,20 @@ def error_from_rpc(error: grpc.RpcError) -> QAServeError:
             violations.extend((v.field, v.description) for v in bad_request.field_violations)
         elif detail.Unpack(retry_info):
             retry_after = retry_info.retry_delay.ToTimedelta().total_seconds()
-    return QAServeError(code, message, reason=reason, field_violations=violations, retry_after=retry_after)
+    return QAServeError(code, status.message, reason=reason, field_violations=violations, retry_after=retry_after)
+
+
+def error_from_rpc(error: grpc.RpcError) -> QAServeError:
+    """Converts a failed call from either grpc or grpc.aio into a QAServeError."""
+    status = _rich_status(error)
+    if status is not None:
+        # from_call has checked that the rich status carries the call's own code and message.
+        return error_from_status(status)
+    # Both grpc.RpcError raised by a sync call and grpc.aio.AioRpcError are grpc.Call-like with synchronous
+    # code()/details()/trailing_metadata(), which is all from_call needs.
+    code: grpc.StatusCode = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    message: str = (error.details() if hasattr(error, "details") else None) or ""
+    return QAServeError(code, message)
 
 
 def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:

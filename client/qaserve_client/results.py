@@ -1,10 +1,12 @@
-"""The answer types the client returns: frozen dataclasses that mirror AnswerResponse."""
+"""The types the client returns: frozen dataclasses that mirror AnswerResponse and the streams' messages."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from qaserve_client.errors import QAServeError
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +59,35 @@ class AnswerResult:
             "timing": dataclasses.asdict(self.timing),
             "windows": self.windows,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """The best answers over the windows of a long context scored so far, as answer_progressive reports them."""
+
+    answers: tuple[Answer, ...]
+    windows_done: int
+    windows_total: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict with the same answer keys as AnswerResult.to_dict."""
+        return {
+            "answers": [dataclasses.asdict(answer) for answer in self.answers],
+            "windows_done": self.windows_done,
+            "windows_total": self.windows_total,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ManyResult:
+    """The outcome of one answer_many item: exactly one of `result` and `error` is set."""
+
+    id: str
+    result: AnswerResult | None
+    error: QAServeError | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns {"id", **AnswerResult.to_dict()} for an answer, or {"id", "error": QAServeError.to_dict()}."""
+        if self.result is not None:
+            return {"id": self.id, **self.result.to_dict()}
+        return {"id": self.id, "error": self.error.to_dict() if self.error is not None else None}

@@ -28,11 +28,12 @@ class Settings:
     max_context_chars: int = 100_000
     max_in_flight: int = 1024
     max_batch_windows: int = 32
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = 0  # 0 = by device: 4096 on CPU, 65536 on GPU
     max_wait_ms: float = 2.0
     replicas_per_device: int = 1
     torch_threads: int = 0  # 0 = all cores
     tokenize_threads: int = 2
+    stream_max_in_flight: int = 64
     grace_seconds: float = 10.0
     log_level: str = "INFO"
 
@@ -57,11 +58,12 @@ HELP = {
     "max_context_chars": "longest context accepted, in characters",
     "max_in_flight": "requests admitted at once; more get RESOURCE_EXHAUSTED with a retry delay",
     "max_batch_windows": "most windows in one forward pass (1 turns batching off)",
-    "max_batch_tokens": "most padded tokens (windows x longest window) in one forward pass",
+    "max_batch_tokens": "most padded tokens (windows x longest) per forward pass; 0 = 4096 on CPU, 65536 on GPU",
     "max_wait_ms": "longest a free replica waits for windows of requests still being tokenized",
     "replicas_per_device": "model replicas (forward threads) per device",
     "torch_threads": "torch intra-op threads (0 = all cores)",
     "tokenize_threads": "threads for tokenizing and decoding",
+    "stream_max_in_flight": "AnswerMany items of one stream in progress at once (flow control)",
     "grace_seconds": "on SIGTERM/SIGINT, how long in-flight requests get to finish",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
@@ -94,13 +96,13 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         "max_context_chars",
         "max_in_flight",
         "max_batch_windows",
-        "max_batch_tokens",
+        "stream_max_in_flight",
         "replicas_per_device",
     )
     for name in positive:
         if getattr(s, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("port", "metrics_port", "torch_threads", "max_wait_ms", "grace_seconds"):
+    for name in ("port", "metrics_port", "torch_threads", "max_wait_ms", "grace_seconds", "max_batch_tokens"):
         if getattr(s, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     if s.tokenize_threads < 1:

@@ -45,6 +45,7 @@ class QAServer:
         self.health = health_servicer
         self.metrics = metrics
         self.metrics_port: int | None = None
+        self.port = 0
         self._executor = executor
         self._metrics_http: object | None = None
 
@@ -103,7 +104,9 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
         max_context_chars=settings.max_context_chars,
     )
     server = grpc.aio.server()
-    pb_grpc.add_QuestionAnsweringServiceServicer_to_server(QuestionAnsweringServicer(engine, metrics), server)
+    pb_grpc.add_QuestionAnsweringServiceServicer_to_server(
+        QuestionAnsweringServicer(engine, metrics, settings.stream_max_in_flight), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -111,7 +114,9 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
         server,
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    return QAServer(settings, server, engine, health_servicer, metrics, executor), port
+    qa_server = QAServer(settings, server, engine, health_servicer, metrics, executor)
+    qa_server.port = port
+    return qa_server, port
 
 
 async def serve(settings: Settings) -> None:

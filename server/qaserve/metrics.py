@@ -123,6 +123,13 @@ class Metrics:
             buckets=RATIO_BUCKETS,
             registry=registry,
         )
+        self.stream_items = Histogram(
+            "qaserve_stream_items",
+            "Messages sent on one streaming RPC, by method.",
+            ["method"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "qaserve_queue_depth_windows",
             "Windows waiting for a forward pass, by model.",

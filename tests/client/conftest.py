@@ -22,6 +22,8 @@ def fake_server() -> Iterator[FakeServer]:
 def server(fake_server: FakeServer) -> FakeServer:
     """The session's fake server with its request log cleared and the whole server SERVING."""
     fake_server.servicer.requests.clear()
+    fake_server.servicer.stream_deadlines.clear()
+    fake_server.servicer.cancelled_streams = 0
     fake_server.set_health("", health_pb2.HealthCheckResponse.SERVING)
     return fake_server
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import grpc
@@ -47,6 +47,17 @@ class Rig:
     engine: QAEngine
     registry: GatedRegistry
     metrics: CollectorRegistry
+    tasks: list[asyncio.Task[object]] = field(default_factory=list)
+
+    def start(self) -> asyncio.Task[object]:
+        task: asyncio.Task[object] = asyncio.create_task(self.engine.answer(REQUEST))
+        self.tasks.append(task)
+        return task
+
+    async def release(self) -> None:
+        """Lets every held request finish (failing in the stub registry)."""
+        self.registry.gate.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), PATIENCE)
 
     def overloaded(self) -> float:
         return self.metrics.get_sample_value("qaserve_rejections_total", {"reason": "overloaded"}) or 0.0
@@ -69,8 +80,9 @@ async def rig(executor: ThreadPoolExecutor) -> AsyncIterator[Rig]:
         max_in_flight=2,
         retry_after=RETRY_AFTER,
     )
-    yield Rig(engine, registry, metrics)
-    registry.gate.set()
+    rig = Rig(engine, registry, metrics)
+    yield rig
+    await rig.release()
 
 
 async def eventually(condition: Callable[[], bool], what: str) -> None:
@@ -83,16 +95,14 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
 
 async def fill(rig: Rig) -> list[asyncio.Task[object]]:
     """Admits max_in_flight requests and leaves them waiting in the registry."""
-    tasks: list[asyncio.Task[object]] = [
-        asyncio.create_task(rig.engine.answer(REQUEST)) for _ in range(rig.engine.max_in_flight)
-    ]
+    tasks = [rig.start() for _ in range(rig.engine.max_in_flight)]
     await eventually(lambda: rig.registry.calls == len(tasks), "the requests to be admitted")
     assert rig.engine.in_flight == len(tasks)
     return tasks
 
 
 async def test_request_beyond_max_in_flight_is_overloaded(rig: Rig) -> None:
-    held = await fill(rig)
+    await fill(rig)
 
     with pytest.raises(Overloaded) as caught:
         await rig.engine.answer(REQUEST)
@@ -101,8 +111,6 @@ async def test_request_beyond_max_in_flight_is_overloaded(rig: Rig) -> None:
     assert rig.overloaded() == 1
     assert rig.registry.calls == 2  # the refused request never reached the model
     assert rig.engine.in_flight == 2
-    rig.registry.gate.set()
-    await asyncio.wait(held)
 
 
 async def test_requests_are_admitted_again_once_in_flight_ones_finish(rig: Rig) -> None:
@@ -110,8 +118,7 @@ async def test_requests_are_admitted_again_once_in_flight_ones_finish(rig: Rig) 
     with pytest.raises(Overloaded):
         await rig.engine.answer(REQUEST)
 
-    rig.registry.gate.set()
-    await asyncio.wait_for(asyncio.wait(held), PATIENCE)
+    await rig.release()
 
     assert all(isinstance(task.exception(), ModelNotReady) for task in held)
     assert rig.engine.in_flight == 0
@@ -128,13 +135,12 @@ async def test_cancelled_request_gives_its_slot_back(rig: Rig) -> None:
     held[0].cancel()
     await asyncio.wait([held[0]])
     assert rig.engine.in_flight == 1
-    again = asyncio.create_task(rig.engine.answer(REQUEST))
+    rig.start()
     await eventually(lambda: rig.registry.calls == 3, "the new request to be admitted")
 
     assert rig.engine.in_flight == 2
     assert rig.overloaded() == 0
-    rig.registry.gate.set()
-    await asyncio.wait([held[1], again])
+    await rig.release()
     assert rig.engine.in_flight == 0
 
 
@@ -155,15 +161,13 @@ async def test_request_failing_before_the_model_gives_its_slot_back(executor: Th
 
 
 async def test_invalid_request_is_refused_as_invalid_even_when_full(rig: Rig) -> None:
-    held = await fill(rig)
+    await fill(rig)
 
     with pytest.raises(InvalidArgument) as caught:
         await rig.engine.answer(QARequest(question="   ", context="some context"))
 
     assert caught.value.field == "question"
     assert rig.overloaded() == 0
-    rig.registry.gate.set()
-    await asyncio.wait(held)
 
 
 def details_of(status: grpc.Status) -> status_pb2.Status:
@@ -191,7 +195,7 @@ def test_overloaded_maps_to_resource_exhausted_with_retry_info() -> None:
 
 
 async def test_engine_refusal_carries_the_engines_retry_delay(rig: Rig) -> None:
-    held = await fill(rig)
+    await fill(rig)
     with pytest.raises(Overloaded) as caught:
         await rig.engine.answer(REQUEST)
 
@@ -200,5 +204,3 @@ async def test_engine_refusal_carries_the_engines_retry_delay(rig: Rig) -> None:
     retry = error_details_pb2.RetryInfo()
     assert any(detail.Unpack(retry) for detail in rich.details)
     assert retry.retry_delay.ToNanoseconds() == int(RETRY_AFTER * 1e9)
-    rig.registry.gate.set()
-    await asyncio.wait(held)

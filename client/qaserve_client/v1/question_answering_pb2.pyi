@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -265,3 +266,157 @@ class ServerTiming(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerTiming: _TypeAlias = ServerTiming  # noqa: Y015
+
+@_typing.final
+class AnswerProgressiveRequest(_message.Message):
+    """The request of AnswerProgressive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def request(self) -> Global___AnswerRequest:
+        """The question, context and decoding parameters, as for Answer."""
+
+    def __init__(
+        self,
+        *,
+        request: Global___AnswerRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerProgressiveRequest: _TypeAlias = AnswerProgressiveRequest  # noqa: Y015
+
+@_typing.final
+class AnswerProgressiveResponse(_message.Message):
+    """One message of an AnswerProgressive stream: partials, then exactly one final."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def partial(self) -> Global___PartialAnswer:
+        """The best answers over the windows scored so far."""
+
+    @_builtins.property
+    def final(self) -> Global___AnswerResponse:
+        """The last message: equal to Answer's response for the same request."""
+
+    def __init__(
+        self,
+        *,
+        partial: Global___PartialAnswer | None = ...,
+        final: Global___AnswerResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "partial", b"partial", "update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "partial", b"partial", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["partial", "final"]  # noqa: Y015
+    _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
+
+Global___AnswerProgressiveResponse: _TypeAlias = AnswerProgressiveResponse  # noqa: Y015
+
+@_typing.final
+class PartialAnswer(_message.Message):
+    """Progress of a long context: the best answers among the windows scored so far."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    WINDOWS_DONE_FIELD_NUMBER: _builtins.int
+    WINDOWS_TOTAL_FIELD_NUMBER: _builtins.int
+    windows_done: _builtins.int
+    """Windows scored so far; grows with each partial message."""
+    windows_total: _builtins.int
+    """Windows the context was split into."""
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Answer]:
+        """Best answers so far, highest score first; may change as more windows are scored."""
+
+    def __init__(
+        self,
+        *,
+        answers: _abc.Iterable[Global___Answer] | None = ...,
+        windows_done: _builtins.int = ...,
+        windows_total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "windows_done", b"windows_done", "windows_total", b"windows_total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartialAnswer: _TypeAlias = PartialAnswer  # noqa: Y015
+
+@_typing.final
+class AnswerManyRequest(_message.Message):
+    """One item of an AnswerMany stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Client-chosen identifier, echoed in the response. Not interpreted by the server."""
+    @_builtins.property
+    def request(self) -> Global___AnswerRequest:
+        """The question, context and decoding parameters, as for Answer."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        request: Global___AnswerRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerManyRequest: _TypeAlias = AnswerManyRequest  # noqa: Y015
+
+@_typing.final
+class AnswerManyResponse(_message.Message):
+    """The outcome of one AnswerMany item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id of the request this answers."""
+    @_builtins.property
+    def response(self) -> Global___AnswerResponse:
+        """The answers, as Answer would return them."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why this item failed: a canonical code, a message and google.rpc error details (BadRequest, ErrorInfo,
+        RetryInfo), as Answer would have returned them. Other items are unaffected.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        response: Global___AnswerResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "response", b"response", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___AnswerManyResponse: _TypeAlias = AnswerManyResponse  # noqa: Y015

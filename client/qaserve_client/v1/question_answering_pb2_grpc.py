@@ -48,6 +48,16 @@ class QuestionAnsweringServiceStub:
                 request_serializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerRequest.SerializeToString,
                 response_deserializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerResponse.FromString,
                 _registered_method=True)
+        self.AnswerProgressive = channel.unary_stream(
+                '/qaserve.v1.QuestionAnsweringService/AnswerProgressive',
+                request_serializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerProgressiveRequest.SerializeToString,
+                response_deserializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerProgressiveResponse.FromString,
+                _registered_method=True)
+        self.AnswerMany = channel.stream_stream(
+                '/qaserve.v1.QuestionAnsweringService/AnswerMany',
+                request_serializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerManyRequest.SerializeToString,
+                response_deserializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerManyResponse.FromString,
+                _registered_method=True)
 
 
 class QuestionAnsweringServiceServicer:
@@ -69,6 +79,26 @@ class QuestionAnsweringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnswerProgressive(self, request, context):
+        """Answers one question progressively: for a context of several windows, one message with the best answers so
+        far after each group of scored windows, then a final message equal to Answer's response for the same request.
+        A one-window context sends only the final message. Cancelling the call drops the remaining windows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnswerMany(self, request_iterator, context):
+        """Answers many questions on one stream. Each request carries a client-chosen id that its response echoes;
+        responses come as soon as each is ready, in no guaranteed order. A bad item gets its own error in its
+        response and the stream goes on. At most the server's --stream-max-in-flight items of one stream are in
+        progress: the server reads no further requests until responses have been taken, so a client that stops
+        reading stops the stream. Closing the request side ends the stream after the last response.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuestionAnsweringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +106,16 @@ def add_QuestionAnsweringServiceServicer_to_server(servicer, server):
                     servicer.Answer,
                     request_deserializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerRequest.FromString,
                     response_serializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerResponse.SerializeToString,
+            ),
+            'AnswerProgressive': grpc.unary_stream_rpc_method_handler(
+                    servicer.AnswerProgressive,
+                    request_deserializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerProgressiveRequest.FromString,
+                    response_serializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerProgressiveResponse.SerializeToString,
+            ),
+            'AnswerMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.AnswerMany,
+                    request_deserializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerManyRequest.FromString,
+                    response_serializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -114,6 +154,60 @@ class QuestionAnsweringService:
             '/qaserve.v1.QuestionAnsweringService/Answer',
             qaserve_dot_v1_dot_question__answering__pb2.AnswerRequest.SerializeToString,
             qaserve_dot_v1_dot_question__answering__pb2.AnswerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerProgressive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/qaserve.v1.QuestionAnsweringService/AnswerProgressive',
+            qaserve_dot_v1_dot_question__answering__pb2.AnswerProgressiveRequest.SerializeToString,
+            qaserve_dot_v1_dot_question__answering__pb2.AnswerProgressiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/qaserve.v1.QuestionAnsweringService/AnswerMany',
+            qaserve_dot_v1_dot_question__answering__pb2.AnswerManyRequest.SerializeToString,
+            qaserve_dot_v1_dot_question__answering__pb2.AnswerManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

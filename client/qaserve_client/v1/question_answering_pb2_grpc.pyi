@@ -44,6 +44,18 @@ class QuestionAnsweringServiceStub:
     def __new__(cls, channel: _aio.Channel) -> QuestionAnsweringServiceAsyncStub: ...
     Answer: _grpc.UnaryUnaryMultiCallable[_question_answering_pb2.AnswerRequest, _question_answering_pb2.AnswerResponse]
     """Answers one question about one context with the top_k best spans."""
+    AnswerProgressive: _grpc.UnaryStreamMultiCallable[_question_answering_pb2.AnswerProgressiveRequest, _question_answering_pb2.AnswerProgressiveResponse]
+    """Answers one question progressively: for a context of several windows, one message with the best answers so
+    far after each group of scored windows, then a final message equal to Answer's response for the same request.
+    A one-window context sends only the final message. Cancelling the call drops the remaining windows.
+    """
+    AnswerMany: _grpc.StreamStreamMultiCallable[_question_answering_pb2.AnswerManyRequest, _question_answering_pb2.AnswerManyResponse]
+    """Answers many questions on one stream. Each request carries a client-chosen id that its response echoes;
+    responses come as soon as each is ready, in no guaranteed order. A bad item gets its own error in its
+    response and the stream goes on. At most the server's --stream-max-in-flight items of one stream are in
+    progress: the server reads no further requests until responses have been taken, so a client that stops
+    reading stops the stream. Closing the request side ends the stream after the last response.
+    """
 
 @_typing.type_check_only
 class QuestionAnsweringServiceAsyncStub(QuestionAnsweringServiceStub):
@@ -61,6 +73,18 @@ class QuestionAnsweringServiceAsyncStub(QuestionAnsweringServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Answer: _aio.UnaryUnaryMultiCallable[_question_answering_pb2.AnswerRequest, _question_answering_pb2.AnswerResponse]  # type: ignore[assignment]
     """Answers one question about one context with the top_k best spans."""
+    AnswerProgressive: _aio.UnaryStreamMultiCallable[_question_answering_pb2.AnswerProgressiveRequest, _question_answering_pb2.AnswerProgressiveResponse]  # type: ignore[assignment]
+    """Answers one question progressively: for a context of several windows, one message with the best answers so
+    far after each group of scored windows, then a final message equal to Answer's response for the same request.
+    A one-window context sends only the final message. Cancelling the call drops the remaining windows.
+    """
+    AnswerMany: _aio.StreamStreamMultiCallable[_question_answering_pb2.AnswerManyRequest, _question_answering_pb2.AnswerManyResponse]  # type: ignore[assignment]
+    """Answers many questions on one stream. Each request carries a client-chosen id that its response echoes;
+    responses come as soon as each is ready, in no guaranteed order. A bad item gets its own error in its
+    response and the stream goes on. At most the server's --stream-max-in-flight items of one stream are in
+    progress: the server reads no further requests until responses have been taken, so a client that stops
+    reading stops the stream. Closing the request side ends the stream after the last response.
+    """
 
 class QuestionAnsweringServiceServicer(metaclass=_abc_1.ABCMeta):
     """Extractive question answering: find the spans of a context that answer a question.
@@ -81,5 +105,29 @@ class QuestionAnsweringServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_question_answering_pb2.AnswerResponse, _abc.Awaitable[_question_answering_pb2.AnswerResponse]]:
         """Answers one question about one context with the top_k best spans."""
+
+    @_abc_1.abstractmethod
+    def AnswerProgressive(
+        self,
+        request: _question_answering_pb2.AnswerProgressiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_question_answering_pb2.AnswerProgressiveResponse], _abc.AsyncIterator[_question_answering_pb2.AnswerProgressiveResponse]]:
+        """Answers one question progressively: for a context of several windows, one message with the best answers so
+        far after each group of scored windows, then a final message equal to Answer's response for the same request.
+        A one-window context sends only the final message. Cancelling the call drops the remaining windows.
+        """
+
+    @_abc_1.abstractmethod
+    def AnswerMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_question_answering_pb2.AnswerManyRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_question_answering_pb2.AnswerManyResponse], _abc.AsyncIterator[_question_answering_pb2.AnswerManyResponse]]:
+        """Answers many questions on one stream. Each request carries a client-chosen id that its response echoes;
+        responses come as soon as each is ready, in no guaranteed order. A bad item gets its own error in its
+        response and the stream goes on. At most the server's --stream-max-in-flight items of one stream are in
+        progress: the server reads no further requests until responses have been taken, so a client that stops
+        reading stops the stream. Closing the request side ends the stream after the last response.
+        """
 
 def add_QuestionAnsweringServiceServicer_to_server(servicer: QuestionAnsweringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qaserve.qa import QAParams, QARequest, QAResult
+from qaserve.qa import Answer, QAParams, QAProgress, QARequest, QAResult
 from qaserve_client.v1 import question_answering_pb2 as pb
 
 
@@ -25,20 +25,28 @@ def qa_request(msg: pb.AnswerRequest) -> QARequest:
     )
 
 
+def answers(items: tuple[Answer, ...]) -> list[pb.Answer]:
+    return [
+        pb.Answer(
+            answer=a.answer, score=a.score, start=a.start, end=a.end, byte_start=a.byte_start, byte_end=a.byte_end
+        )
+        for a in items
+    ]
+
+
+def partial_answer(progress: QAProgress) -> pb.PartialAnswer:
+    """QAProgress -> PartialAnswer."""
+    return pb.PartialAnswer(
+        answers=answers(progress.answers),
+        windows_done=progress.windows_done,
+        windows_total=progress.windows_total,
+    )
+
+
 def answer_response(result: QAResult) -> pb.AnswerResponse:
     """QAResult -> AnswerResponse."""
     return pb.AnswerResponse(
-        answers=[
-            pb.Answer(
-                answer=a.answer,
-                score=a.score,
-                start=a.start,
-                end=a.end,
-                byte_start=a.byte_start,
-                byte_end=a.byte_end,
-            )
-            for a in result.answers
-        ],
+        answers=answers(result.answers),
         model=pb.ModelRef(
             name=result.model.name,
             revision=result.model.revision,

@@ -50,7 +50,7 @@ class RpcScope:
             self.code = error.code
             self.metrics.errors.labels(error.reason).inc()
             status = to_status(error)
-        elif isinstance(error, asyncio.CancelledError):
+        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             self.code = "CANCELLED"
         elif error is not None and not _is_abort(error):
             log.error("%s failed", self.method, exc_info=(kind, error, tb))  # type: ignore[arg-type]

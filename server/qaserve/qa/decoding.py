@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from qaserve.qa.types import Answer, QAParams
@@ -9,6 +13,14 @@ from qaserve.qa.windowing import Windows
 
 # Logit given to tokens that cannot be part of an answer, so they take no probability mass (as in the pipeline).
 MASKED_LOGIT = -10000.0
+
+
+@dataclass(frozen=True)
+class WindowCandidates:
+    """One window's best spans as (score, char_start, char_end), best first, and its no-answer (CLS) score."""
+
+    spans: list[tuple[float, int, int]]
+    null_score: float
 
 
 def decode_answers(
@@ -22,14 +34,27 @@ def decode_answers(
     their scores, the first one's offsets kept. With handle_impossible_answer the empty answer scores the lowest
     CLS probability over windows.
     """
-    n_windows, length = start_logits.shape
-    mask = torch.zeros((n_windows, length), dtype=torch.bool)
-    for w, window_mask in enumerate(windows.answer_masks):
-        mask[w, : len(window_mask)] = torch.tensor(window_mask, dtype=torch.bool)
+    candidates = score_windows(windows, range(len(windows)), start_logits, end_logits, params)
+    return merge_candidates(context, candidates, params)
+
+
+def score_windows(
+    windows: Windows,
+    indices: Sequence[int],
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    params: QAParams,
+) -> list[WindowCandidates]:
+    """Candidates of the windows `indices` (row i of the logits belongs to window indices[i]), vectorised."""
+    n_rows, length = start_logits.shape
+    mask = torch.zeros((n_rows, length), dtype=torch.bool)
+    for row, w in enumerate(indices):
+        window_mask = windows.answer_masks[w]
+        mask[row, : len(window_mask)] = torch.tensor(window_mask, dtype=torch.bool)
 
     start = torch.softmax(torch.where(mask, start_logits.float(), MASKED_LOGIT), dim=-1)
     end = torch.softmax(torch.where(mask, end_logits.float(), MASKED_LOGIT), dim=-1)
-    null_score = float((start[:, 0] * end[:, 0]).min())
+    null_scores = (start[:, 0] * end[:, 0]).tolist()
     start[:, 0] = 0.0
     end[:, 0] = 0.0
 
@@ -37,34 +62,38 @@ def decode_answers(
     # so memory grows with windows x length x max_answer_len, not length squared.
     span = min(params.max_answer_len, length)
     padded_end = torch.nn.functional.pad(end, (0, span - 1))
-    scores = (start[:, :, None] * padded_end.unfold(1, span, 1)).reshape(n_windows, -1)
+    scores = (start[:, :, None] * padded_end.unfold(1, span, 1)).reshape(n_rows, -1)
 
     # The pipeline keeps extra candidates per window when aligning to words: several token spans can widen to
     # the same words and merge.
     per_window = params.top_k * 2 + 10 if params.align_to_words else params.top_k
     top_scores, top_index = torch.topk(scores, k=min(per_window, scores.shape[1]), dim=-1)
 
-    answers: list[Answer] = []
-    by_text: dict[str, int] = {}
-    for w in range(n_windows):
+    result = []
+    for row, w in enumerate(indices):
         encoding = windows.encodings[w]
-        for score, index in zip(top_scores[w].tolist(), top_index[w].tolist(), strict=True):
+        spans = []
+        for score, index in zip(top_scores[row].tolist(), top_index[row].tolist(), strict=True):
             if score <= 0.0:
                 break  # only masked or out-of-band spans are left in this window
             s, k = divmod(index, span)
-            e = s + k
-            char_start, char_end = _char_span(encoding, s, e, windows.context_index, params.align_to_words)
+            spans.append((score, *_char_span(encoding, s, s + k, windows.context_index, params.align_to_words)))
+        result.append(WindowCandidates(spans, null_scores[row]))
+    return result
+
+
+def merge_candidates(context: str, candidates: Sequence[WindowCandidates], params: QAParams) -> list[Answer]:
+    """Merges windows' candidates (in window order) into the top_k answers."""
+    answers: list[Answer] = []
+    by_text: dict[str, int] = {}
+    for window in candidates:
+        for score, char_start, char_end in window.spans:
             text = context[char_start:char_end]
             key = text.lower()
             if key in by_text:
                 known = answers[by_text[key]]
                 answers[by_text[key]] = Answer(
-                    known.answer,
-                    known.score + score,
-                    known.start,
-                    known.end,
-                    known.byte_start,
-                    known.byte_end,
+                    known.answer, known.score + score, known.start, known.end, known.byte_start, known.byte_end
                 )
             else:
                 by_text[key] = len(answers)
@@ -72,21 +101,21 @@ def decode_answers(
                 byte_end = byte_start + len(text.encode("utf-8"))
                 answers.append(Answer(text, score, char_start, char_end, byte_start, byte_end))
 
-    if params.handle_impossible_answer:
-        answers.append(Answer("", null_score, 0, 0, 0, 0))
+    if params.handle_impossible_answer and candidates:
+        answers.append(Answer("", min(c.null_score for c in candidates), 0, 0, 0, 0))
     answers.sort(key=lambda a: a.score, reverse=True)
     return answers[: params.top_k]
 
 
-def _char_span(encoding: object, s: int, e: int, context_index: int, align_to_words: bool) -> tuple[int, int]:
+def _char_span(encoding: Any, s: int, e: int, context_index: int, align_to_words: bool) -> tuple[int, int]:
     """Character span of tokens s..e, widened to whole words when asked and the tokenizer knows words."""
     if align_to_words:
-        start_word = encoding.token_to_word(s)  # type: ignore[attr-defined]
-        end_word = encoding.token_to_word(e)  # type: ignore[attr-defined]
+        start_word = encoding.token_to_word(s)
+        end_word = encoding.token_to_word(e)
         if start_word is not None and end_word is not None:
-            start_chars = encoding.word_to_chars(start_word, context_index)  # type: ignore[attr-defined]
-            end_chars = encoding.word_to_chars(end_word, context_index)  # type: ignore[attr-defined]
+            start_chars = encoding.word_to_chars(start_word, context_index)
+            end_chars = encoding.word_to_chars(end_word, context_index)
             if start_chars is not None and end_chars is not None:
                 return int(start_chars[0]), int(end_chars[1])
-    offsets = encoding.offsets  # type: ignore[attr-defined]
+    offsets = encoding.offsets
     return int(offsets[s][0]), int(offsets[e][1])

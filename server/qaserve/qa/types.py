@@ -94,6 +94,15 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class QAProgress:
+    """The best answers among the windows of a long context scored so far."""
+
+    answers: tuple[Answer, ...]
+    windows_done: int
+    windows_total: int
+
+
+@dataclass(frozen=True)
 class QAResult:
     """The answers to one request, best first."""
 

@@ -47,10 +47,13 @@ class Replica(Protocol[In, Out]):
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """A batch holds at most max_windows windows and max_tokens padded tokens (windows x longest)."""
+    """A batch holds at most max_windows windows and max_tokens padded tokens (windows x longest).
+
+    max_tokens 0 means no token limit here; the registry turns it into the device's default.
+    """
 
     max_windows: int = 32
-    max_tokens: int = 16384
+    max_tokens: int = 0
     # Longest a free replica waits for windows of requests still being tokenized; it never waits when nothing
     # is on its way, so a lone request on an idle server goes straight through.
     max_wait: float = 0.002
@@ -125,16 +128,18 @@ class Batcher(Generic[In, Out]):
         self._wakeup = asyncio.Event()
         self._tasks = [asyncio.create_task(self._consume(r), name=f"batcher-{r.label}") for r in self._replicas]
 
-    async def stop(self) -> None:
-        """Fails what is still queued and stops the consumers (after their current batch)."""
+    async def stop(self, grace: float = 30.0) -> None:
+        """Fails what is still queued; consumers finish the batch they are running (up to `grace` seconds,
+        then those requests fail with ShuttingDown too) and exit."""
         self._closed = True
         for job in list(self._pending.values()):
             self._fail(job.work, ShuttingDown("the server is shutting down"))
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._wake()
+        if self._tasks:
+            _, running = await asyncio.wait(self._tasks, timeout=grace)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
     @contextlib.contextmanager
@@ -160,6 +165,8 @@ class Batcher(Generic[In, Out]):
         """
         if self._closed:
             raise ShuttingDown("the server is shutting down")
+        if not windows:
+            return [], BatchTiming(queue=0.0, forward=0.0)
         loop = asyncio.get_running_loop()
         work: Work[Out] = Work(
             lengths=list(lengths),
@@ -188,8 +195,10 @@ class Batcher(Generic[In, Out]):
 
     async def _consume(self, replica: Replica[In, Out]) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closed:
             await self._wait_for_work()
+            if self._closed:
+                return
             await self._wait_for_incoming(loop)
             batch = self._take_batch(loop.time())
             if not batch:
@@ -198,6 +207,12 @@ class Batcher(Generic[In, Out]):
             started = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(replica.executor, replica.forward, inputs)
+                if len(outputs) != len(batch):
+                    raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(batch)} windows")
+            except asyncio.CancelledError:
+                for work in {job.work for _, job in batch}:
+                    self._fail(work, ShuttingDown("the server stopped before this request was answered"))
+                raise
             except Exception:
                 log.exception("forward pass failed on %s (%d windows)", replica.label, len(batch))
                 for work in {job.work for _, job in batch}:
@@ -215,7 +230,7 @@ class Batcher(Generic[In, Out]):
 
     async def _wait_for_work(self) -> None:
         assert self._wakeup is not None
-        while not self._pending:
+        while not self._pending and not self._closed:
             self._wakeup.clear()
             await self._wakeup.wait()
 
@@ -223,7 +238,7 @@ class Batcher(Generic[In, Out]):
         """Gives requests being tokenized up to max_wait to join a batch that is not full yet."""
         assert self._wakeup is not None
         until = loop.time() + self.limits.max_wait
-        while self._incoming and len(self._pending) < self.limits.max_windows:
+        while self._incoming and len(self._pending) < self.limits.max_windows and not self._closed:
             remaining = until - loop.time()
             if remaining <= 0:
                 return
@@ -256,7 +271,7 @@ class Batcher(Generic[In, Out]):
         longest = 0
         for key, job in candidates:
             width = max(longest, job.length)
-            if batch and width * (len(batch) + 1) > limits.max_tokens:
+            if batch and limits.max_tokens and width * (len(batch) + 1) > limits.max_tokens:
                 continue
             batch.append((key, job))
             longest = width

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import ParamSpec, TypeVar
 
@@ -13,13 +13,28 @@ import torch
 
 from qaserve.errors import Overloaded
 from qaserve.metrics import Metrics
-from qaserve.qa import Answer, QAParams, QARequest, QAResult, Timing, Windows, decode_answers
-from qaserve.qa.types import ModelRef
+from qaserve.qa import (
+    Answer,
+    ModelRef,
+    QAParams,
+    QAProgress,
+    QARequest,
+    QAResult,
+    Timing,
+    WindowCandidates,
+    Windows,
+    decode_answers,
+    merge_candidates,
+    score_windows,
+)
 from qaserve.runtime.model import QAModel, WindowLogits
 from qaserve.runtime.registry import ModelRegistry
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# Called on the event loop as each window of a request is scored.
+WindowCallback = Callable[[Windows, QAParams, int, WindowLogits], None]
 
 
 class QAEngine:
@@ -62,10 +77,7 @@ class QAEngine:
             self._in_flight -= 1
 
     async def answer(
-        self,
-        request: QARequest,
-        deadline: float | None = None,
-        on_window: Callable[[Windows, int, WindowLogits], None] | None = None,
+        self, request: QARequest, deadline: float | None = None, on_window: WindowCallback | None = None
     ) -> QAResult:
         """Answers one request. `deadline` is on the event loop's clock; `on_window` sees each scored window."""
         started = time.perf_counter()
@@ -82,7 +94,7 @@ class QAEngine:
                 tokenize = time.perf_counter() - t0
             self.metrics.tokenize_duration.labels(name).observe(tokenize)
 
-            callback = None if on_window is None else (lambda i, out: on_window(windows, i, out))
+            callback = None if on_window is None else (lambda i, out: on_window(windows, params, i, out))
             outputs, batch_timing = await batcher.run(
                 QAModel.inputs(windows), [len(ids) for ids in windows.input_ids], deadline, callback
             )
@@ -111,6 +123,48 @@ class QAEngine:
             ),
             windows=len(windows),
         )
+
+    async def answer_progressive(
+        self, request: QARequest, deadline: float | None = None
+    ) -> AsyncGenerator[QAProgress | QAResult]:
+        """Yields QAProgress after each group of scored windows of a multi-window context, then the QAResult
+        that answer() returns. Closing the iterator early cancels the request's remaining windows."""
+        scored: dict[int, WindowLogits] = {}
+        seen: list[tuple[Windows, QAParams]] = []
+        arrived = asyncio.Event()
+
+        def on_window(windows: Windows, params: QAParams, index: int, logits: WindowLogits) -> None:
+            if not seen:
+                seen.append((windows, params))
+            scored[index] = logits
+            arrived.set()
+
+        task = asyncio.create_task(self.answer(request, deadline, on_window))
+        candidates: dict[int, WindowCandidates] = {}
+        try:
+            while not task.done():
+                waiter = asyncio.create_task(arrived.wait())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                arrived.clear()
+                if task.done() or not seen:
+                    break
+                windows, params = seen[0]
+                if len(scored) == len(windows):
+                    continue  # the final result follows and covers every window
+                new = sorted(set(scored) - set(candidates))
+                start = torch.nn.utils.rnn.pad_sequence([scored[i].start for i in new], batch_first=True)
+                end = torch.nn.utils.rnn.pad_sequence([scored[i].end for i in new], batch_first=True)
+                fresh = await self._run(score_windows, windows, new, start, end, params)
+                candidates.update(zip(new, fresh, strict=True))
+                answers = merge_candidates(request.context, [candidates[i] for i in sorted(candidates)], params)
+                yield QAProgress(tuple(answers), len(candidates), len(windows))
+            yield await task
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,11 +88,12 @@ class Replica:
 
 
 class QAModel:
-    """Tokenizer + replicas of one model. Tokenizing is thread-safe; each replica runs on its own thread."""
+    """Tokenizer + replicas of one model. split() may run on many threads; each replica runs on its own thread."""
 
     def __init__(self, spec: ModelSpec, tokenizer: Any, replicas: list[Replica], revision: str, dtype: torch.dtype):
         self.spec = spec
         self.tokenizer = tokenizer
+        self._thread_tokenizers = threading.local()
         self.replicas = replicas
         self.revision = revision
         self.dtype = dtype
@@ -148,7 +151,16 @@ class QAModel:
 
     def split(self, question: str, context: str, params: QAParams) -> Windows:
         """Tokenizes into windows; `params` from resolve()."""
-        return split_into_windows(self.tokenizer, question, context, params)
+        return split_into_windows(self._tokenizer(), question, context, params)
+
+    def _tokenizer(self) -> Any:
+        """This thread's copy of the tokenizer: a call sets truncation state on the shared Rust tokenizer, so
+        concurrent calls on one instance would tokenize with each other's settings."""
+        tokenizer = getattr(self._thread_tokenizers, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = copy.deepcopy(self.tokenizer)
+            self._thread_tokenizers.tokenizer = tokenizer
+        return tokenizer
 
     @staticmethod
     def inputs(windows: Windows) -> list[WindowInput]:

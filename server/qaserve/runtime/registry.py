@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from qaserve.errors import ModelNotFound, ModelNotReady
 from qaserve.metrics import Metrics
 from qaserve.runtime.batcher import Batcher, BatchLimits
+from qaserve.runtime.device import default_batch_tokens
 from qaserve.runtime.model import ModelSpec, QAModel, WindowInput, WindowLogits
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,10 @@ class ModelRegistry:
     async def _load(self, spec: ModelSpec) -> ServingModel:
         log.info("loading model %s from %s", spec.name, spec.source)
         model = await asyncio.to_thread(self._loader, spec)
-        batcher: Batcher[WindowInput, WindowLogits] = Batcher(spec.name, model.replicas, self._limits, self._metrics)
+        limits = self._limits
+        if not limits.max_tokens:
+            limits = dataclasses.replace(limits, max_tokens=default_batch_tokens(model.replicas[0].device))
+        batcher: Batcher[WindowInput, WindowLogits] = Batcher(spec.name, model.replicas, limits, self._metrics)
         batcher.start()
         serving = ServingModel(model, batcher)
         self._loaded[spec.name] = serving

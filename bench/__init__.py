@@ -1,0 +1,1 @@
+"""Benchmarks for qaserve (not tests): `make bench`."""
