@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Generator, Iterable, Iterator
 from importlib import metadata
 from types import TracebackType
 from typing import Final, Self
@@ -183,7 +183,7 @@ class QAClient:
         handle_impossible_answer: bool = False,
         align_to_words: bool | None = None,
         timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,
-    ) -> Iterator[Progress | AnswerResult]:
+    ) -> Generator[Progress | AnswerResult, None, None]:
         """Answers like answer(), yielding a Progress after each group of scored windows, then the AnswerResult.
 
         The last item is always the AnswerResult, equal to what answer() returns; a one-window context yields
@@ -228,13 +228,13 @@ class QAClient:
         items: Iterable[ManyItem],
         *,
         timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,
-    ) -> Iterator[ManyResult]:
+    ) -> Generator[ManyResult, None, None]:
         """Answers every item on one AnswerMany stream, yielding a ManyResult for each as soon as it is ready.
 
         Results come in no guaranteed order; match them to items by id. A failed item yields a ManyResult with
         its `error` set and the stream goes on. `items` may be lazy: grpc takes them on a thread of its own as
-        the server accepts more, and an exception they raise is raised here. The server takes only a bounded
-        number of items ahead of the results read, so read the results as they come.
+        the server accepts more; an exception they raise ends the stream and is raised here. The server takes
+        only a bounded number of items ahead of the results read, so read the results as they come.
 
         `timeout` is the deadline of the whole stream, in seconds: by default the client's timeout, None for
         no deadline (unlike answer(), where None means the client's timeout); give a long stream a long one.
@@ -367,7 +367,7 @@ class AsyncQAClient:
         handle_impossible_answer: bool = False,
         align_to_words: bool | None = None,
         timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,  # noqa: ASYNC109
-    ) -> AsyncIterator[Progress | AnswerResult]:
+    ) -> AsyncGenerator[Progress | AnswerResult, None]:
         """Answers like answer(), yielding a Progress after each group of scored windows, then the AnswerResult.
 
         Use with `async for`. The last item is always the AnswerResult, equal to what answer() returns; a
@@ -412,14 +412,14 @@ class AsyncQAClient:
         items: Iterable[ManyItem] | AsyncIterable[ManyItem],
         *,
         timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,  # noqa: ASYNC109
-    ) -> AsyncIterator[ManyResult]:
+    ) -> AsyncGenerator[ManyResult, None]:
         """Answers every item on one AnswerMany stream, yielding a ManyResult for each as soon as it is ready.
 
         Use with `async for`. Results come in no guaranteed order; match them to items by id. A failed item
         yields a ManyResult with its `error` set and the stream goes on. `items` may be an async iterable, taken
         as the server accepts more; a plain iterable is taken on the event loop, so it must not block. An
-        exception the items raise is raised here. The server takes only a bounded number of items ahead of the
-        results read, so read the results as they come.
+        exception the items raise ends the stream and is raised here. The server takes only a bounded number of
+        items ahead of the results read, so read the results as they come.
 
         `timeout` is the deadline of the whole stream, in seconds: by default the client's timeout, None for
         no deadline (unlike answer(), where None means the client's timeout); give a long stream a long one.

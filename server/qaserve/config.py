@@ -28,7 +28,7 @@ class Settings:
     max_context_chars: int = 100_000
     max_in_flight: int = 1024
     max_batch_windows: int = 32
-    max_batch_tokens: int = 0  # 0 = by device: 4096 on CPU, 65536 on GPU
+    max_batch_tokens: int = 0  # 0 = by device: 1024 on CPU, 65536 on GPU
     max_wait_ms: float = 2.0
     replicas_per_device: int = 1
     torch_threads: int = 0  # 0 = all cores
@@ -58,7 +58,7 @@ HELP = {
     "max_context_chars": "longest context accepted, in characters",
     "max_in_flight": "requests admitted at once; more get RESOURCE_EXHAUSTED with a retry delay",
     "max_batch_windows": "most windows in one forward pass (1 turns batching off)",
-    "max_batch_tokens": "most padded tokens (windows x longest) per forward pass; 0 = 4096 on CPU, 65536 on GPU",
+    "max_batch_tokens": "most padded tokens (windows x longest) per forward pass; 0 = 1024 on CPU, 65536 on GPU",
     "max_wait_ms": "longest a free replica waits for windows of requests still being tokenized",
     "replicas_per_device": "model replicas (forward threads) per device",
     "torch_threads": "torch intra-op threads (0 = all cores)",

@@ -171,3 +171,167 @@ def test_installed_script(server: FakeServer) -> None:
 
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["answers"][0]["answer"] == "Paris"
+
+
+def test_ask_stream_json_prints_one_line_per_message(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--target", server.target, "ask", "--question", "Capital?", "--context", CONTEXT, "--stream", "--json"]
+
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [list(line) for line in lines] == [["partial"], ["partial"], ["partial"], ["final"]]
+    assert [line["partial"]["windows_done"] for line in lines[:3]] == [1, 2, 3]
+    assert {line["partial"]["windows_total"] for line in lines[:3]} == {3}
+    assert lines[0]["partial"]["answers"][0]["answer"] == "Paris"
+    final = lines[3]["final"]
+    assert final["answers"][0] == {
+        "answer": "Paris",
+        "score": 0.9,
+        "start": 0,
+        "end": 5,
+        "byte_start": 0,
+        "byte_end": 5,
+    }
+    assert (final["model"]["name"], final["windows"]) == ("fake", 3)
+
+
+def test_ask_stream_human(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--target", server.target, "ask", "--question", "Capital?", "--context", CONTEXT, "--stream"]
+    argv += ["--top-k", "2"]
+
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [f"[{done}/3] best: Paris (0.9000)" for done in (1, 2, 3)]
+    assert lines[3].split() == ["score", "span", "answer"]
+    assert lines[4].split() == ["0.9000", "0-5", "Paris"]
+    (request,) = server.servicer.requests
+    assert request.top_k == 2
+
+
+def test_ask_stream_error_exits_1(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["--target", server.target, "ask", "--question", " ", "--context", CONTEXT, "--stream"])
+
+    assert status == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: INVALID_ARGUMENT: question: must contain a non-whitespace character"
+
+
+def test_ask_stream_unreachable_exits_2(unused_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["--target", unused_target, "ask", "--question", "Q?", "--context", CONTEXT, "--stream", "--json"])
+
+    assert status == 2
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+def _write_jsonl(path: Path, *lines: object) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def _results(out: str) -> dict[str, dict[str, object]]:
+    results = {}
+    for line in out.splitlines():
+        data = json.loads(line)
+        results[data["id"]] = data
+    return results
+
+
+def test_batch_prints_one_result_per_line(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write_jsonl(
+        tmp_path / "questions.jsonl",
+        {"id": "capital", "question": "Capital?", "context": CONTEXT, "top_k": 2, "model": "tiny"},
+        {"question": "Where?", "context": "Zürich liegt am See.", "align_to_words": False},
+    )
+
+    assert main(["--target", server.target, "batch", str(path)]) == 0
+    results = _results(capsys.readouterr().out)
+    assert set(results) == {"capital", "2"}
+    assert results["capital"]["answers"] == [
+        {"answer": "Paris", "score": 0.9, "start": 0, "end": 5, "byte_start": 0, "byte_end": 5},
+        {"answer": "is", "score": 0.45, "start": 6, "end": 8, "byte_start": 6, "byte_end": 8},
+    ]
+    assert results["capital"]["model"] == {"name": "tiny", "revision": "sha256:00", "device": "cpu", "dtype": "float32"}
+    assert set(results["2"]) == {"id", "answers", "model", "timing", "windows"}
+    sent = {request.question: request for request in server.servicer.requests}
+    assert (sent["Capital?"].top_k, sent["Capital?"].HasField("align_to_words")) == (2, False)
+    assert (sent["Where?"].HasField("top_k"), sent["Where?"].align_to_words) == (False, False)
+    assert sent["Where?"].HasField("align_to_words")
+
+
+def test_batch_item_error_exits_1_after_the_other_results(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write_jsonl(
+        tmp_path / "questions.jsonl",
+        {"id": "good", "question": "Capital?", "context": CONTEXT},
+        {"id": "bad", "question": "", "context": CONTEXT},
+    )
+
+    assert main(["--target", server.target, "batch", str(path)]) == 1
+    results = _results(capsys.readouterr().out)
+    assert results["good"]["answers"]
+    assert results["bad"] == {
+        "id": "bad",
+        "error": {
+            "code": "INVALID_ARGUMENT",
+            "message": "question: must contain a non-whitespace character",
+            "reason": "INVALID_ARGUMENT",
+            "field_violations": [{"field": "question", "description": "must contain a non-whitespace character"}],
+            "retry_after": None,
+        },
+    }
+
+
+def test_batch_reads_stdin_skips_blank_lines_and_numbers_ids(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = [
+        json.dumps({"question": "Capital?", "context": CONTEXT}),
+        "",
+        json.dumps({"question": "Q", "context": "x"}),
+    ]
+    lines.append(json.dumps({"id": 7, "question": "Q", "context": "y"}))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+
+    assert main(["--target", server.target, "batch", "-"]) == 0
+    # A missing id is the line's number, an integer id its decimal string.
+    assert set(_results(capsys.readouterr().out)) == {"1", "3", "7"}
+
+
+@pytest.mark.parametrize(
+    ("second_line", "message"),
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ("[1, 2]", "line 2: expected a JSON object"),
+        ('{"question": "Q?"}', 'line 2: missing "context"'),
+        ('{"question": "Q?", "context": "c", "top_k": "3"}', 'line 2: "top_k" must be an integer'),
+        ('{"question": "Q?", "context": "c", "top_k": true}', 'line 2: "top_k" must be an integer'),
+        ('{"question": "Q?", "context": "c", "align_to_words": 1}', 'line 2: "align_to_words" must be true or false'),
+        ('{"question": "Q?", "context": "c", "topk": 3}', "line 2: unknown field(s): topk"),
+        ('{"id": "a", "question": "Q?", "context": "c"}', "line 2: duplicate id 'a', first on line 1"),
+    ],
+)
+def test_batch_malformed_line_exits_1_before_sending(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], second_line: str, message: str
+) -> None:
+    path = tmp_path / "questions.jsonl"
+    path.write_text(json.dumps({"id": "a", "question": "Q?", "context": CONTEXT}) + "\n" + second_line + "\n")
+
+    assert main(["--target", server.target, "batch", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: {path}: {message}")
+    assert server.servicer.requests == []
+
+
+def test_batch_missing_file_exits_1(server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--target", server.target, "batch", str(tmp_path / "missing.jsonl")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_batch_unreachable_exits_2(unused_target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write_jsonl(tmp_path / "questions.jsonl", {"question": "Q?", "context": CONTEXT})
+
+    assert main(["--target", unused_target, "batch", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")

@@ -40,9 +40,10 @@ def replica_devices(spec: str) -> list[torch.device]:
 
 
 def default_batch_tokens(device: torch.device) -> int:
-    """Padded tokens per forward pass worth batching: a CPU gains up to a few thousand tokens and then loses
-    (attention's memory traffic grows with windows x length^2); accelerators keep gaining far longer."""
-    return 4096 if device.type == "cpu" else 65536
+    """Padded tokens per forward pass worth batching. A CPU is compute-bound: batching short windows amortises
+    per-call overhead, but past about a thousand tokens it only adds latency (measured with bench/load.py on
+    2 cores); accelerators keep gaining far longer."""
+    return 1024 if device.type == "cpu" else 65536
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
