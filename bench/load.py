@@ -32,9 +32,9 @@ from pathlib import Path
 import grpc
 import torch
 
-from qaserve.config import EMBEDDED_MODEL
+from qaserve.config import EMBEDDED_MODEL, ModelSpec
 from qaserve.qa import QAParams, decode_answers
-from qaserve.runtime.model import ModelSpec, QAModel, WindowInput
+from qaserve.runtime.model import QAModel, WindowInput
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 

@@ -5,18 +5,46 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # The embedded default model ships in the repository (and the image) next to the server package.
 EMBEDDED_MODEL = Path(__file__).resolve().parents[2] / "models" / "minilm-l6-squadshifts"
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """A configured model: where its weights come from and how to run them."""
+
+    name: str
+    source: str  # a local directory, or a hub id where the network allows
+    revision: str | None = None  # hub revision (branch, tag or commit); ignored for directories
+    device: str = "auto"
+    dtype: str = "auto"
+    replicas_per_device: int = 1
+    pinned: bool = False  # never evicted nor unloaded
+    preload: bool = False  # loaded at start, before the server reports SERVING
+    warmup: bool = True  # one forward pass per replica at load, so the first request is not the slow one
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """The models a server may serve, and how many of them fit in memory at once."""
+
+    models: tuple[ModelSpec, ...]
+    default: str
+    max_models: int = 4
+    max_bytes_per_device: int = 0  # 0 = no byte budget
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything configurable; flags win over QASERVE_<NAME> environment variables, which win over defaults."""
 
+    models_config: str = ""  # a TOML file naming several models; "" = serve --model alone
     model: str = str(EMBEDDED_MODEL)
     model_name: str = ""  # "" = the model directory's name (or the hub id's last part)
     revision: str = ""
@@ -25,6 +53,8 @@ class Settings:
     metrics_port: int = 9090
     device: str = "auto"
     dtype: str = "auto"
+    max_models: int = 4
+    max_model_bytes: int = 0  # per device; 0 = no byte budget
     max_context_chars: int = 100_000
     max_in_flight: int = 1024
     max_batch_windows: int = 32
@@ -47,6 +77,9 @@ class Settings:
 
 
 HELP = {
+    "models_config": "TOML file configuring several models (see deploy/models.example.toml); overrides --model",
+    "max_models": "most models loaded at once; least recently used unpinned ones are evicted",
+    "max_model_bytes": "most parameter bytes of loaded models per device (0 = no limit)",
     "model": "model directory or hub id to serve (default: the embedded model)",
     "model_name": "name clients use for the model (default: the directory name)",
     "revision": "hub revision (branch, tag or commit) when --model is a hub id",
@@ -93,6 +126,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] = os.environ)
 
 def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
     positive = (
+        "max_models",
         "max_context_chars",
         "max_in_flight",
         "max_batch_windows",
@@ -102,8 +136,80 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
     for name in positive:
         if getattr(s, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("port", "metrics_port", "torch_threads", "max_wait_ms", "grace_seconds", "max_batch_tokens"):
+    for name in (
+        "port", "metrics_port", "torch_threads", "max_wait_ms", "grace_seconds", "max_batch_tokens", "max_model_bytes"
+    ):  # fmt: skip
         if getattr(s, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     if s.tokenize_threads < 1:
         parser.error("--tokenize-threads must be at least 1")
+
+
+def models_config(settings: Settings) -> ModelsConfig:
+    """The configured models: from --models-config, or --model alone (pinned and preloaded)."""
+    if not settings.models_config:
+        spec = ModelSpec(
+            name=settings.resolved_model_name,
+            source=settings.model,
+            revision=settings.revision or None,
+            device=settings.device,
+            dtype=settings.dtype,
+            replicas_per_device=settings.replicas_per_device,
+            pinned=True,
+            preload=True,
+        )
+        return ModelsConfig((spec,), spec.name, settings.max_models, settings.max_model_bytes)
+    return load_models_config(Path(settings.models_config), settings)
+
+
+def load_models_config(path: Path, settings: Settings) -> ModelsConfig:
+    """Reads a models TOML file; relative sources resolve against the file's directory.
+
+    default = "minilm"                 # optional; the first model otherwise
+    max_models = 2                     # optional; --max-models otherwise
+    max_bytes_per_device = 2000000000  # optional; --max-model-bytes otherwise
+    [[models]]
+    name = "minilm"
+    source = "../models/minilm-l6-squadshifts"
+    pinned = true                      # and optionally: preload, warmup, device, dtype, revision,
+                                       # replicas_per_device
+    """
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    unknown = set(data) - {"default", "max_models", "max_bytes_per_device", "models"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    entries: list[dict[str, Any]] = data.get("models", [])
+    if not entries:
+        raise ValueError(f"{path}: no [[models]] configured")
+    fields = {f.name for f in dataclasses.fields(ModelSpec)}
+    specs = []
+    for entry in entries:
+        if not {"name", "source"} <= entry.keys():
+            raise ValueError(f"{path}: every [[models]] needs a name and a source")
+        if set(entry) - fields:
+            raise ValueError(f"{path}: model {entry['name']!r} has unknown keys {sorted(set(entry) - fields)}")
+        values: dict[str, Any] = {
+            "device": settings.device,
+            "dtype": settings.dtype,
+            "replicas_per_device": settings.replicas_per_device,
+        }
+        values.update(entry)
+        source = Path(str(values["source"])).expanduser()
+        local = source if source.is_absolute() else path.parent / source
+        if local.exists() or str(values["source"]).startswith((".", "/", "~")):
+            values["source"] = str(local.resolve())
+        values["revision"] = values.get("revision") or None
+        specs.append(ModelSpec(**values))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: model names must be unique")
+    default = str(data.get("default", names[0]))
+    if default not in names:
+        raise ValueError(f"{path}: default {default!r} is not a configured model")
+    return ModelsConfig(
+        tuple(specs),
+        default,
+        int(data.get("max_models", settings.max_models)),
+        int(data.get("max_bytes_per_device", settings.max_model_bytes)),
+    )

@@ -40,6 +40,27 @@ class ModelNotReady(QAServeError):
     reason = "MODEL_NOT_READY"
 
 
+class ModelFailed(QAServeError):
+    """The model's last load failed; LoadModel retries it."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "MODEL_LOAD_FAILED"
+
+
+class ModelPinned(QAServeError):
+    """A pinned model cannot be unloaded."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "MODEL_PINNED"
+
+
+class ModelTooLarge(QAServeError):
+    """The model does not fit in the cache even after evicting every unpinned model."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "MODEL_CACHE_FULL"
+
+
 class Overloaded(QAServeError):
     """Admission is full; the client should retry after `retry_after` seconds."""
 

@@ -16,15 +16,33 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from qaserve.api import QuestionAnsweringServicer
-from qaserve.config import Settings, parse_settings
+from qaserve.config import Settings, models_config, parse_settings
 from qaserve.metrics import Metrics
-from qaserve.runtime import BatchLimits, ModelRegistry, ModelSpec, QAEngine
+from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine
+from qaserve_client.v1 import model_service_pb2
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
 log = logging.getLogger("qaserve")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuestionAnsweringService"].full_name
+MODEL_SERVICE_NAME = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+MODEL_HEALTH_PREFIX = "qaserve.model."
+
+
+class ModelHealth:
+    """Per-model health: "qaserve.model.NAME" is SERVING exactly while the model is ready."""
+
+    def __init__(self, servicer: health.aio.HealthServicer) -> None:
+        self.servicer = servicer
+        self._updates: set[asyncio.Task[None]] = set()
+
+    def __call__(self, name: str, state: ModelState) -> None:
+        ready = state is ModelState.READY
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        task = asyncio.get_running_loop().create_task(self.servicer.set(MODEL_HEALTH_PREFIX + name, status))
+        self._updates.add(task)
+        task.add_done_callback(self._updates.discard)
 
 
 class QAServer:
@@ -52,12 +70,14 @@ class QAServer:
     async def start(self) -> None:
         """Starts serving; health reports SERVING once the default model is loaded and warmed up."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in self.engine.registry.specs:
+            await self.health.set(MODEL_HEALTH_PREFIX + name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc_server.start()
         if self.settings.metrics_port:
             http_server, _ = start_http_server(self.settings.metrics_port, registry=self.metrics.registry)
             self._metrics_http = http_server
             self.metrics_port = http_server.server_port
-        await self.engine.registry.get("")
+        await self.engine.registry.preload()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s", ", ".join(self.engine.registry.specs))
 
@@ -74,27 +94,29 @@ class QAServer:
         await self.grpc_server.wait_for_termination()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, MODEL_SERVICE_NAME):
             await self.health.set(service, status)
 
 
 def create_server(settings: Settings, registry: CollectorRegistry | None = None) -> tuple[QAServer, int]:
     """Builds the server and binds its port (0 picks a free one); `await server.start()` serves."""
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
-    spec = ModelSpec(
-        name=settings.resolved_model_name,
-        source=settings.model,
-        revision=settings.revision or None,
-        device=settings.device,
-        dtype=settings.dtype,
-        replicas_per_device=settings.replicas_per_device,
-    )
+    config = models_config(settings)
     limits = BatchLimits(
         max_windows=settings.max_batch_windows,
         max_tokens=settings.max_batch_tokens,
         max_wait=settings.max_wait_ms / 1000.0,
     )
-    models = ModelRegistry([spec], default=spec.name, limits=limits, metrics=metrics)
+    health_servicer = health.aio.HealthServicer()
+    models = ModelRegistry(
+        config.models,
+        default=config.default,
+        limits=limits,
+        metrics=metrics,
+        max_models=config.max_models,
+        max_bytes_per_device=config.max_bytes_per_device,
+        on_state=ModelHealth(health_servicer),
+    )
     executor = ThreadPoolExecutor(max_workers=settings.tokenize_threads, thread_name_prefix="tokenize")
     engine = QAEngine(
         models,
@@ -107,7 +129,6 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
     pb_grpc.add_QuestionAnsweringServiceServicer_to_server(
         QuestionAnsweringServicer(engine, metrics, settings.stream_max_in_flight), server
     )
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

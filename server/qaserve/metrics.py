@@ -130,6 +130,37 @@ class Metrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
             registry=registry,
         )
+        self.model_load_duration = Histogram(
+            "qaserve_model_load_duration_seconds",
+            "Time to load and warm up a model, by model.",
+            ["model"],
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+            registry=registry,
+        )
+        self.model_cache_hits = Counter(
+            "qaserve_model_cache_hits_total", "Requests whose model was loaded, by model.", ["model"], registry=registry
+        )
+        self.model_cache_misses = Counter(
+            "qaserve_model_cache_misses_total",
+            "Requests whose model had to be loaded first, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_cache_evictions = Counter(
+            "qaserve_model_cache_evictions_total",
+            "Models evicted to make room for another, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.models_loaded = Gauge(
+            "qaserve_models_loaded", "Models loaded now, by device.", ["device"], registry=registry
+        )
+        self.model_bytes = Gauge(
+            "qaserve_model_bytes",
+            "Parameter and buffer bytes of loaded models, by device.",
+            ["device"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "qaserve_queue_depth_windows",
             "Windows waiting for a forward pass, by model.",

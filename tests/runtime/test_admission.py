@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,10 +37,12 @@ class GatedRegistry:
         self.gate = asyncio.Event()
         self.calls = 0
 
-    async def get(self, name: str) -> object:
+    @contextlib.asynccontextmanager
+    async def use(self, name: str) -> AsyncIterator[object]:
         self.calls += 1
         await self.gate.wait()
         raise ModelNotReady("the stub registry serves no model")
+        yield
 
 
 @dataclass
@@ -146,8 +149,10 @@ async def test_cancelled_request_gives_its_slot_back(rig: Rig) -> None:
 
 async def test_request_failing_before_the_model_gives_its_slot_back(executor: ThreadPoolExecutor) -> None:
     class UnknownModels:
-        async def get(self, name: str) -> object:
+        @contextlib.asynccontextmanager
+        async def use(self, name: str) -> AsyncIterator[object]:
             raise ModelNotFound(name)
+            yield
 
     engine = QAEngine(
         cast(ModelRegistry, UnknownModels()), executor=executor, metrics=Metrics(CollectorRegistry()), max_in_flight=1

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from qaserve.config import EMBEDDED_MODEL
+from qaserve.config import EMBEDDED_MODEL, ModelSpec
 from qaserve.errors import InvalidArgument, ModelNotFound
 from qaserve.metrics import Metrics
 from qaserve.qa import QAParams, QARequest
-from qaserve.runtime import BatchLimits, ModelRegistry, ModelSpec, QAEngine
+from qaserve.runtime import BatchLimits, ModelRegistry, QAEngine
 
 from qaserve_testing import SEED_CONTEXT, SEED_QUESTION
 

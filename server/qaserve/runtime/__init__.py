@@ -2,7 +2,7 @@
 
 from qaserve.runtime.batcher import Batcher, BatchLimits
 from qaserve.runtime.engine import QAEngine
-from qaserve.runtime.model import ModelSpec, QAModel
-from qaserve.runtime.registry import ModelRegistry
+from qaserve.runtime.model import QAModel
+from qaserve.runtime.registry import ModelInfo, ModelRegistry, ModelState
 
-__all__ = ["BatchLimits", "Batcher", "ModelRegistry", "ModelSpec", "QAEngine", "QAModel"]
+__all__ = ["BatchLimits", "Batcher", "ModelInfo", "ModelRegistry", "ModelState", "QAEngine", "QAModel"]

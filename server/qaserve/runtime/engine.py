@@ -28,7 +28,7 @@ from qaserve.qa import (
     score_windows,
 )
 from qaserve.runtime.model import QAModel, WindowLogits
-from qaserve.runtime.registry import ModelRegistry
+from qaserve.runtime.registry import ModelRegistry, ServingModel
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -83,35 +83,44 @@ class QAEngine:
         started = time.perf_counter()
         request.validate(self.max_context_chars)
         with self._admit():
-            serving = await self.registry.get(request.model)
-            model, batcher = serving.model, serving.batcher
-            name = model.name
-            params = model.resolve(request.params)
+            async with self.registry.use(request.model) as serving:
+                return await self._answer(request, serving, deadline, on_window, started)
 
-            with batcher.incoming():
-                t0 = time.perf_counter()
-                windows = await self._run(model.split, request.question, request.context, params)
-                tokenize = time.perf_counter() - t0
-            self.metrics.tokenize_duration.labels(name).observe(tokenize)
+    async def _answer(
+        self,
+        request: QARequest,
+        serving: ServingModel,
+        deadline: float | None,
+        on_window: WindowCallback | None,
+        started: float,
+    ) -> QAResult:
+        model, batcher = serving.model, serving.batcher
+        name = model.name
+        params = model.resolve(request.params)
 
-            callback = None if on_window is None else (lambda i, out: on_window(windows, params, i, out))
-            outputs, batch_timing = await batcher.run(
-                QAModel.inputs(windows), [len(ids) for ids in windows.input_ids], deadline, callback
-            )
-            self.metrics.queue_duration.labels(name).observe(batch_timing.queue)
-
+        with batcher.incoming():
             t0 = time.perf_counter()
-            answers = await self._run(_decode, request.context, windows, outputs, params)
-            decode = time.perf_counter() - t0
-            self.metrics.decode_duration.labels(name).observe(decode)
+            windows = await self._run(model.split, request.question, request.context, params)
+            tokenize = time.perf_counter() - t0
+        self.metrics.tokenize_duration.labels(name).observe(tokenize)
 
-        replica = model.replicas[0] if model.replicas else None
+        callback = None if on_window is None else (lambda i, out: on_window(windows, params, i, out))
+        outputs, batch_timing = await batcher.run(
+            QAModel.inputs(windows), [len(ids) for ids in windows.input_ids], deadline, callback
+        )
+        self.metrics.queue_duration.labels(name).observe(batch_timing.queue)
+
+        t0 = time.perf_counter()
+        answers = await self._run(_decode, request.context, windows, outputs, params)
+        decode = time.perf_counter() - t0
+        self.metrics.decode_duration.labels(name).observe(decode)
+
         return QAResult(
             answers=tuple(answers),
             model=ModelRef(
                 name=name,
                 revision=model.revision,
-                device=str(replica.device) if replica else "",
+                device=",".join(model.devices),
                 dtype=str(model.dtype).removeprefix("torch."),
             ),
             timing=Timing(

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qaserve.config import ModelSpec
 from qaserve.qa import QAParams, Windows, split_into_windows
 from qaserve.qa.windowing import resolve_params
 from qaserve.runtime.device import replica_devices, resolve_dtype
@@ -21,18 +22,6 @@ from qaserve.runtime.device import replica_devices, resolve_dtype
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A configured model: where its weights come from and how to run them."""
-
-    name: str
-    source: str  # a local directory, or a hub id where the network allows
-    revision: str | None = None  # hub revision (branch, tag or commit); ignored for directories
-    device: str = "auto"
-    dtype: str = "auto"
-    replicas_per_device: int = 1
 
 
 @dataclass(frozen=True)
@@ -137,7 +126,8 @@ class QAModel:
             for i in range(spec.replicas_per_device):
                 replicas.append(Replica(module, device, int(tokenizer.pad_token_id or 0), f"{spec.name}-{device}-{i}"))
         model = cls(spec, tokenizer, replicas, _revision(source, local, replicas[0].module), dtype)
-        model.warm_up()
+        if spec.warmup:
+            model.warm_up()
         log.info(
             "loaded model %s from %s (%s) on %s as %s, %.1f MB, in %.2fs",
             spec.name, source, model.revision, ",".join(model.devices), str(dtype).removeprefix("torch."),
@@ -180,6 +170,25 @@ class QAModel:
         self.replicas.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def estimate_bytes(spec: ModelSpec) -> int:
+    """Parameter bytes the model will take per device, from the safetensors header (no weights read);
+    0 when unknown (a hub id, or weights in another format)."""
+    path = Path(spec.source) / "model.safetensors"
+    if not path.is_file():
+        return 0
+    from safetensors import safe_open
+
+    element = torch.empty((), dtype=resolve_dtype(spec.dtype, replica_devices(spec.device)[0])).element_size()
+    total = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            numel = 1
+            for dim in f.get_slice(key).get_shape():
+                numel *= dim
+            total += numel * element
+    return total
 
 
 def _revision(source: str, local: bool, module: torch.nn.Module) -> str:

@@ -1,32 +1,83 @@
-"""Configured models by name: loads each once (off the event loop) and serves it through its batcher."""
+"""The model cache: configured models by name, loaded on demand (once, off the event loop), kept in an LRU
+bounded by count and by bytes per device, pinned ones never evicted."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import enum
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 
-from qaserve.errors import ModelNotFound, ModelNotReady
+from qaserve.config import ModelSpec
+from qaserve.errors import ModelFailed, ModelNotFound, ModelNotReady, ModelPinned, ModelTooLarge
 from qaserve.metrics import Metrics
 from qaserve.runtime.batcher import Batcher, BatchLimits
-from qaserve.runtime.device import default_batch_tokens
-from qaserve.runtime.model import ModelSpec, QAModel, WindowInput, WindowLogits
+from qaserve.runtime.device import default_batch_tokens, replica_devices
+from qaserve.runtime.model import QAModel, WindowInput, WindowLogits, estimate_bytes
 
 log = logging.getLogger(__name__)
+
+# How long an evicted or unloaded model's in-flight requests get to finish before its batcher stops.
+DRAIN_SECONDS = 30.0
+
+
+class ModelState(enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
 
 
 @dataclass
 class ServingModel:
-    """A loaded model with the batcher that feeds its replicas."""
+    """A loaded model with the batcher that feeds its replicas, and the requests using it now."""
 
     model: QAModel
     batcher: Batcher[WindowInput, WindowLogits]
+    active: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A configured model as ModelService reports it."""
+
+    name: str
+    state: ModelState
+    is_default: bool
+    pinned: bool
+    devices: tuple[str, ...]
+    dtype: str
+    bytes: int
+    revision: str
+    last_used: float | None  # wall-clock seconds
+    error: str
+
+
+@dataclass
+class _Entry:
+    spec: ModelSpec
+    state: ModelState = ModelState.UNLOADED
+    serving: ServingModel | None = None
+    loading: asyncio.Task[ServingModel] | None = None
+    error: str = ""
+    last_used: float | None = None
+    reserved: int = 0  # bytes held for a load in progress
 
 
 class ModelRegistry:
-    """Only the models named in the server's configuration can be requested; clients never pass paths."""
+    """Only the models named in the server's configuration can be requested; clients never pass paths.
+
+    Concurrent first requests for a model share one load; loads run on a thread, so requests to loaded models
+    keep flowing. Loading a model that does not fit evicts least-recently-used unpinned models (after their
+    in-flight requests finish); if it still cannot fit, ModelTooLarge. A failed load leaves the model FAILED
+    (requests get ModelFailed) until LoadModel retries it.
+    """
 
     def __init__(
         self,
@@ -34,63 +85,282 @@ class ModelRegistry:
         default: str,
         limits: BatchLimits,
         metrics: Metrics | None = None,
+        *,
+        max_models: int = 4,
+        max_bytes_per_device: int = 0,
         loader: Callable[[ModelSpec], QAModel] = QAModel.load,
+        estimate: Callable[[ModelSpec], int] = estimate_bytes,
+        on_state: Callable[[str, ModelState], None] | None = None,
     ) -> None:
         self.specs = {spec.name: spec for spec in specs}
         if default not in self.specs:
             raise ValueError(f"default model {default!r} is not among the configured models")
         self.default = default
+        self.max_models = max_models
+        self.max_bytes_per_device = max_bytes_per_device
         self._limits = limits
         self._metrics = metrics
         self._loader = loader
-        self._loaded: dict[str, ServingModel] = {}
-        self._loading: dict[str, asyncio.Task[ServingModel]] = {}
+        self._estimate = estimate
+        self._on_state = on_state
+        self._entries = {spec.name: _Entry(spec) for spec in specs}
+        self._lru: OrderedDict[str, None] = OrderedDict()  # ready models, least recently used first
+        self._seen_devices: set[str] = set()  # devices whose usage gauges were set, so they can drop to 0
+
+    # -- lookups ------------------------------------------------------------------------------------------------
 
     def spec(self, name: str) -> ModelSpec:
         """The configured spec for `name` ("" = default); ModelNotFound otherwise."""
-        spec = self.specs.get(name or self.default)
-        if spec is None:
-            raise ModelNotFound(name)
-        return spec
+        return self._entry(name).spec
 
     def loaded(self, name: str) -> ServingModel | None:
-        return self._loaded.get(name or self.default)
+        return self._entry(name).serving
+
+    def info(self, name: str) -> ModelInfo:
+        entry = self._entry(name)
+        serving = entry.serving
+        model = serving.model if serving else None
+        return ModelInfo(
+            name=entry.spec.name,
+            state=entry.state,
+            is_default=entry.spec.name == self.default,
+            pinned=entry.spec.pinned,
+            devices=tuple(model.devices) if model else (entry.spec.device,),
+            dtype=str(model.dtype).removeprefix("torch.") if model else "",
+            bytes=model.nbytes if model else 0,
+            revision=model.revision if model else "",
+            last_used=entry.last_used,
+            error=entry.error,
+        )
+
+    def infos(self) -> list[ModelInfo]:
+        """Every configured model, the default first."""
+        names = sorted(self._entries, key=lambda n: (n != self.default, n))
+        return [self.info(n) for n in names]
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(name or self.default)
+        if entry is None:
+            raise ModelNotFound(name)
+        return entry
+
+    # -- the request path ---------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str) -> AsyncIterator[ServingModel]:
+        """The serving model for a request, held (not evicted) until the block exits."""
+        serving = await self.get(name)
+        serving.active += 1
+        serving.idle.clear()
+        try:
+            yield serving
+        finally:
+            serving.active -= 1
+            if serving.active == 0:
+                serving.idle.set()
 
     async def get(self, name: str) -> ServingModel:
-        """The serving model for `name`, loading it on first use; concurrent first requests share one load."""
-        spec = self.spec(name)
-        serving = self._loaded.get(spec.name)
-        if serving is not None:
-            return serving
-        task = self._loading.get(spec.name)
-        if task is None:
-            task = asyncio.create_task(self._load(spec), name=f"load-{spec.name}")
-            self._loading[spec.name] = task
-            task.add_done_callback(lambda _: self._loading.pop(spec.name, None))
-        try:
-            return await asyncio.shield(task)
-        except ModelNotReady:
-            raise
-        except Exception as exc:
-            raise ModelNotReady(f"model {spec.name!r} failed to load; see the server log") from exc
+        """The serving model for `name`, loading it on first use; a FAILED model raises ModelFailed."""
+        entry = self._entry(name)
+        entry.last_used = time.time()
+        if entry.serving is not None:
+            self._lru.move_to_end(entry.spec.name)
+            self._count("hit", entry.spec.name)
+            return entry.serving
+        if entry.state is ModelState.FAILED:
+            raise ModelFailed(f"model {entry.spec.name!r} failed to load: {entry.error}")
+        self._count("miss", entry.spec.name)
+        return await self._load(entry)
 
-    async def _load(self, spec: ModelSpec) -> ServingModel:
-        log.info("loading model %s from %s", spec.name, spec.source)
-        model = await asyncio.to_thread(self._loader, spec)
-        limits = self._limits
-        if not limits.max_tokens:
-            limits = dataclasses.replace(limits, max_tokens=default_batch_tokens(model.replicas[0].device))
-        batcher: Batcher[WindowInput, WindowLogits] = Batcher(spec.name, model.replicas, limits, self._metrics)
-        batcher.start()
-        serving = ServingModel(model, batcher)
-        self._loaded[spec.name] = serving
-        return serving
+    # -- ModelService -------------------------------------------------------------------------------------------
+
+    async def load(self, name: str) -> ModelInfo:
+        """Loads (or retries) a configured model; returns its info once ready."""
+        entry = self._entry(name)
+        if entry.serving is None:
+            if entry.state is ModelState.FAILED:
+                entry.state, entry.error = ModelState.UNLOADED, ""
+            await self._load(entry)
+        return self.info(entry.spec.name)
+
+    async def unload(self, name: str) -> ModelInfo:
+        """Unloads a model after its in-flight requests finish; pinned models refuse."""
+        entry = self._entry(name)
+        if entry.spec.pinned:
+            raise ModelPinned(f"model {entry.spec.name!r} is pinned and cannot be unloaded")
+        if entry.loading is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(entry.loading)
+        if entry.serving is not None:
+            await self._evict(entry, reason="unload")
+        elif entry.state is ModelState.FAILED:
+            self._set_state(entry, ModelState.UNLOADED)
+            entry.error = ""
+        return self.info(entry.spec.name)
+
+    async def preload(self) -> None:
+        """Loads the models configured with preload (the default model always), failing start-up on errors."""
+        for entry in self._entries.values():
+            if entry.spec.preload or entry.spec.name == self.default:
+                await self.get(entry.spec.name)
 
     async def close(self) -> None:
         """Stops every batcher and frees the models."""
-        for task in list(self._loading.values()):
-            task.cancel()
-        for serving in list(self._loaded.values()):
-            await serving.batcher.stop()
-            await asyncio.to_thread(serving.model.close)
-        self._loaded.clear()
+        for entry in self._entries.values():
+            if entry.loading is not None:
+                entry.loading.cancel()
+        for entry in list(self._entries.values()):
+            if entry.serving is not None:
+                await self._evict(entry, reason="shutdown", drain=0.0)
+
+    # -- loading and eviction -----------------------------------------------------------------------------------
+
+    async def _load(self, entry: _Entry) -> ServingModel:
+        if entry.loading is None:
+            entry.loading = asyncio.create_task(self._do_load(entry), name=f"load-{entry.spec.name}")
+        try:
+            return await asyncio.shield(entry.loading)
+        except (ModelTooLarge, ModelFailed):
+            raise
+        except asyncio.CancelledError:
+            if entry.loading is not None and entry.loading.cancelled():
+                raise ModelNotReady(f"model {entry.spec.name!r} load was cancelled") from None
+            raise
+
+    async def _do_load(self, entry: _Entry) -> ServingModel:
+        spec = entry.spec
+        self._set_state(entry, ModelState.LOADING)
+        started = time.perf_counter()
+        try:
+            devices = [str(d) for d in replica_devices(spec.device)]
+            entry.reserved = await asyncio.to_thread(self._estimate, spec)
+            await self._make_room(entry, devices, entry.reserved)
+            log.info("loading model %s", spec.name)
+            model = await asyncio.to_thread(self._loader, spec)
+            entry.reserved = 0
+            limits = self._limits
+            if not limits.max_tokens:
+                limits = dataclasses.replace(limits, max_tokens=default_batch_tokens(model.replicas[0].device))
+            batcher: Batcher[WindowInput, WindowLogits] = Batcher(spec.name, model.replicas, limits, self._metrics)
+            batcher.start()
+            serving = ServingModel(model, batcher)
+            serving.idle.set()
+            entry.serving, entry.error = serving, ""
+            self._lru[spec.name] = None
+            self._set_state(entry, ModelState.READY)
+            if self._metrics:
+                self._metrics.model_load_duration.labels(spec.name).observe(time.perf_counter() - started)
+            self._update_usage()
+            if self._over_budget(model.devices):  # the estimate was short: make room now, or give up
+                try:
+                    await self._make_room(entry, model.devices, 0)
+                except ModelTooLarge:
+                    await self._evict(entry, reason="too large", drain=0.0)
+                    raise
+            return serving
+        except ModelTooLarge:
+            entry.reserved = 0
+            self._set_state(entry, ModelState.UNLOADED)
+            raise
+        except asyncio.CancelledError:
+            entry.reserved = 0
+            self._set_state(entry, ModelState.UNLOADED)
+            raise
+        except Exception as exc:
+            entry.reserved = 0
+            entry.error = _describe(exc, spec)
+            log.exception("model %s failed to load", spec.name)
+            self._set_state(entry, ModelState.FAILED)
+            raise ModelFailed(f"model {spec.name!r} failed to load: {entry.error}") from exc
+        finally:
+            entry.loading = None
+
+    async def _make_room(self, entry: _Entry, devices: Sequence[str], need: int) -> None:
+        """Evicts least-recently-used unpinned models until `entry` fits the count and byte budgets."""
+        while True:
+            others = [e for e in self._entries.values() if e is not entry and (e.serving or e.loading)]
+            over_count = len(others) >= self.max_models
+            over_bytes = bool(self.max_bytes_per_device) and any(
+                self._used(d, exclude=entry) + need > self.max_bytes_per_device for d in devices
+            )
+            if not (over_count or over_bytes):
+                return
+            victim = next(
+                (
+                    self._entries[n]
+                    for n in self._lru
+                    if n != entry.spec.name and not self._entries[n].spec.pinned and self._entries[n].serving
+                ),
+                None,
+            )
+            if victim is None:
+                what = f"{self.max_models} models" if over_count else f"{self.max_bytes_per_device} bytes per device"
+                raise ModelTooLarge(
+                    f"model {entry.spec.name!r} does not fit the model cache ({what}) even after evicting every "
+                    "unpinned model"
+                )
+            await self._evict(victim, reason="evicted")
+
+    async def _evict(self, entry: _Entry, reason: str, drain: float = DRAIN_SECONDS) -> None:
+        serving = entry.serving
+        if serving is None:
+            return
+        entry.serving = None
+        self._lru.pop(entry.spec.name, None)
+        self._set_state(entry, ModelState.UNLOADED)
+        log.info("unloading model %s (%s)", entry.spec.name, reason)
+        if drain:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(serving.idle.wait(), drain)
+        await serving.batcher.stop()
+        await asyncio.to_thread(serving.model.close)
+        if self._metrics and reason == "evicted":
+            self._metrics.model_cache_evictions.labels(entry.spec.name).inc()
+        self._update_usage()
+
+    def _used(self, device: str, exclude: _Entry | None = None) -> int:
+        total = 0
+        for e in self._entries.values():
+            if e is exclude:
+                continue
+            if e.serving is not None and device in e.serving.model.devices:
+                total += e.serving.model.nbytes
+            total += e.reserved if e.loading is not None else 0
+        return total
+
+    def _over_budget(self, devices: Sequence[str]) -> bool:
+        return bool(self.max_bytes_per_device) and any(self._used(d) > self.max_bytes_per_device for d in devices)
+
+    def _set_state(self, entry: _Entry, state: ModelState) -> None:
+        entry.state = state
+        if self._on_state is not None:
+            self._on_state(entry.spec.name, state)
+
+    def _count(self, kind: str, name: str) -> None:
+        if self._metrics:
+            counter = self._metrics.model_cache_hits if kind == "hit" else self._metrics.model_cache_misses
+            counter.labels(name).inc()
+
+    def _update_usage(self) -> None:
+        if not self._metrics:
+            return
+        by_device: dict[str, tuple[int, int]] = {}
+        for e in self._entries.values():
+            if e.serving is not None:
+                for d in e.serving.model.devices:
+                    count, nbytes = by_device.get(d, (0, 0))
+                    by_device[d] = (count + 1, nbytes + e.serving.model.nbytes)
+        for device in {*by_device, *self._seen_devices}:
+            count, nbytes = by_device.get(device, (0, 0))
+            self._metrics.models_loaded.labels(device).set(count)
+            self._metrics.model_bytes.labels(device).set(nbytes)
+        self._seen_devices.update(by_device)
+
+
+def _describe(exc: BaseException, spec: ModelSpec) -> str:
+    """A load failure in one line for operators and clients, without the server's filesystem paths."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = text.replace(spec.source, "<model source>")
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
