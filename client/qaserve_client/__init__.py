@@ -3,6 +3,7 @@
 from qaserve_client.client import CLIENT_TIMEOUT, DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncQAClient, QAClient
 from qaserve_client.errors import QAServeError
 from qaserve_client.items import ManyItem
+from qaserve_client.models import ModelInfo
 from qaserve_client.results import Answer, AnswerResult, ManyResult, ModelRef, Progress, ServerTiming
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "AsyncQAClient",
     "ManyItem",
     "ManyResult",
+    "ModelInfo",
     "ModelRef",
     "Progress",
     "QAClient",

@@ -15,6 +15,7 @@ import grpc
 from qaserve_client.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, QAClient
 from qaserve_client.errors import QAServeError
 from qaserve_client.items import ManyItem
+from qaserve_client.models import LOAD_TIMEOUT
 from qaserve_client.results import AnswerResult, Progress
 
 EXIT_OK = 0
@@ -34,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with QAClient(args.target, timeout=args.timeout) as client:
             if args.command == "health":
                 return _health(client, args)
+            if args.command == "models":
+                return _models(client, args)
             if args.command == "batch":
                 return _batch(client, args)
             return _ask(client, args)
@@ -110,6 +113,15 @@ def _parser() -> argparse.ArgumentParser:
 
     health = commands.add_parser("health", help="print the grpc.health.v1 status; exit 0 only when SERVING")
     health.add_argument("--service", default="", help="service to check (default: the whole server)")
+
+    models = commands.add_parser("models", help="list, load or unload the server's configured models")
+    actions = models.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="every configured model with its state")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for action, text in (("load", "load a configured model (retries a failed one)"), ("unload", "unload a model")):
+        sub = actions.add_parser(action, help=text)
+        sub.add_argument("name", help="a configured model name")
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -244,6 +256,25 @@ def _health(client: QAClient, args: argparse.Namespace) -> int:
     status = client.health(args.service)
     print(status)
     return EXIT_OK if status == "SERVING" else EXIT_FAILED
+
+
+def _models(client: QAClient, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        infos = client.list_models()
+    elif args.action == "load":
+        infos = [client.load_model(args.name, timeout=max(args.timeout, LOAD_TIMEOUT))]
+    else:
+        infos = [client.unload_model(args.name, timeout=max(args.timeout, LOAD_TIMEOUT))]
+    if args.json:
+        print(json.dumps([info.to_dict() for info in infos] if args.action == "list" else infos[0].to_dict()))
+        return EXIT_OK
+    print(f"{'name':<24} {'state':<9} {'default':<7} {'pinned':<6} {'devices':<12} {'MB':>8}  error")
+    for info in infos:
+        print(
+            f"{info.name:<24} {info.state:<9} {'yes' if info.is_default else '':<7} {'yes' if info.pinned else '':<6} "
+            f"{','.join(info.devices):<12} {info.bytes / 1e6:>8.1f}  {info.error}"
+        )
+    return EXIT_OK
 
 
 def _read_text(path: str) -> str:

@@ -20,7 +20,10 @@ from qaserve_client.converters import (
 )
 from qaserve_client.errors import QAServeError, error_from_rpc
 from qaserve_client.items import ManyItem
+from qaserve_client.models import LOAD_TIMEOUT, ModelInfo, model_info
 from qaserve_client.results import AnswerResult, ManyResult, Progress
+from qaserve_client.v1 import model_service_pb2 as models_pb
+from qaserve_client.v1 import model_service_pb2_grpc as models_pb_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
@@ -130,6 +133,7 @@ class QAClient:
         self._channel = channel
         self._stub = pb_grpc.QuestionAnsweringServiceStub(channel)
         self._health_stub = health_pb2_grpc.HealthStub(channel)
+        self._models_stub = models_pb_grpc.ModelServiceStub(channel)
 
     def answer(
         self,
@@ -253,6 +257,38 @@ class QAClient:
         finally:
             call.cancel()
 
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the server is configured with, the default first."""
+        try:
+            response = self._models_stub.ListModels(models_pb.ListModelsRequest(), timeout=self._deadline(timeout))
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        return [model_info(m) for m in response.models]
+
+    def get_model(self, name: str = "", *, timeout: float | None = None) -> ModelInfo:
+        """One configured model ("" = the default)."""
+        try:
+            response = self._models_stub.GetModel(models_pb.GetModelRequest(name=name), timeout=self._deadline(timeout))
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        return model_info(response.model)
+
+    def load_model(self, name: str = "", *, timeout: float = LOAD_TIMEOUT) -> ModelInfo:
+        """Loads a configured model (retrying a failed one) and returns it once ready."""
+        try:
+            response = self._models_stub.LoadModel(models_pb.LoadModelRequest(name=name), timeout=timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        return model_info(response.model)
+
+    def unload_model(self, name: str, *, timeout: float = LOAD_TIMEOUT) -> ModelInfo:
+        """Unloads a model once its in-flight requests finish; a pinned model refuses (FAILED_PRECONDITION)."""
+        try:
+            response = self._models_stub.UnloadModel(models_pb.UnloadModelRequest(name=name), timeout=timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        return model_info(response.model)
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Returns the grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
@@ -313,6 +349,7 @@ class AsyncQAClient:
         self._channel = channel
         self._stub = pb_grpc.QuestionAnsweringServiceStub(channel)
         self._health_stub = health_pb2_grpc.HealthStub(channel)
+        self._models_stub = models_pb_grpc.ModelServiceStub(channel)
 
     async def answer(
         self,
@@ -437,6 +474,42 @@ class AsyncQAClient:
             raise error_from_rpc(error) from error
         finally:
             call.cancel()
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:  # noqa: ASYNC109
+        """Every model the server is configured with, the default first."""
+        try:
+            response = await self._models_stub.ListModels(
+                models_pb.ListModelsRequest(), timeout=self._deadline(timeout)
+            )
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        return [model_info(m) for m in response.models]
+
+    async def get_model(self, name: str = "", *, timeout: float | None = None) -> ModelInfo:  # noqa: ASYNC109
+        """One configured model ("" = the default)."""
+        try:
+            response = await self._models_stub.GetModel(
+                models_pb.GetModelRequest(name=name), timeout=self._deadline(timeout)
+            )
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        return model_info(response.model)
+
+    async def load_model(self, name: str = "", *, timeout: float = LOAD_TIMEOUT) -> ModelInfo:  # noqa: ASYNC109
+        """Loads a configured model (retrying a failed one) and returns it once ready."""
+        try:
+            response = await self._models_stub.LoadModel(models_pb.LoadModelRequest(name=name), timeout=timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        return model_info(response.model)
+
+    async def unload_model(self, name: str, *, timeout: float = LOAD_TIMEOUT) -> ModelInfo:  # noqa: ASYNC109
+        """Unloads a model once its in-flight requests finish; a pinned model refuses (FAILED_PRECONDITION)."""
+        try:
+            response = await self._models_stub.UnloadModel(models_pb.UnloadModelRequest(name=name), timeout=timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        return model_info(response.model)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:  # noqa: ASYNC109
         """Returns the grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""

@@ -15,11 +15,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from qaserve.api import QuestionAnsweringServicer
+from qaserve.api import ModelServicer, QuestionAnsweringServicer
 from qaserve.config import Settings, models_config, parse_settings
 from qaserve.metrics import Metrics
 from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine
-from qaserve_client.v1 import model_service_pb2
+from qaserve_client.v1 import model_service_pb2, model_service_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
@@ -129,10 +129,11 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
     pb_grpc.add_QuestionAnsweringServiceServicer_to_server(
         QuestionAnsweringServicer(engine, metrics, settings.stream_max_in_flight), server
     )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(models, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
+        (SERVICE_NAME, MODEL_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     qa_server = QAServer(settings, server, engine, health_servicer, metrics, executor)

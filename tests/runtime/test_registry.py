@@ -1,0 +1,266 @@
+"""The model cache with counted, controllable fake models: LRU by count and bytes, pinning, single-flight, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from qaserve.config import ModelSpec
+from qaserve.errors import ModelFailed, ModelNotFound, ModelPinned, ModelTooLarge
+from qaserve.metrics import Metrics
+from qaserve.runtime import BatchLimits, ModelRegistry, ModelState
+
+MB = 1_000_000
+
+
+class FakeReplica:
+    def __init__(self, name: str) -> None:
+        self.executor = ThreadPoolExecutor(1)
+        self.label = name
+        self.device = torch.device("cpu")
+
+    def forward(self, windows: list[Any]) -> list[Any]:
+        return windows
+
+
+class FakeModel:
+    """What the registry needs of a QAModel: replicas, devices, bytes, revision, dtype, close()."""
+
+    def __init__(self, spec: ModelSpec, nbytes: int) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.replicas = [FakeReplica(spec.name)]
+        self.devices = ["cpu"]
+        self.nbytes = nbytes
+        self.revision = f"rev-{spec.name}"
+        self.dtype = torch.float32
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        for r in self.replicas:
+            r.executor.shutdown()
+
+
+@dataclass
+class Loader:
+    """Counts loads per model; sizes, failures and a gate that holds loads are set per test."""
+
+    sizes: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # name -> loads left that raise
+    gate: threading.Event = field(default_factory=threading.Event)
+    calls: dict[str, int] = field(default_factory=dict)
+    models: dict[str, FakeModel] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+    def __call__(self, spec: ModelSpec) -> FakeModel:
+        self.calls[spec.name] = self.calls.get(spec.name, 0) + 1
+        self.gate.wait(10)
+        if self.failures.get(spec.name, 0) > 0:
+            self.failures[spec.name] -= 1
+            raise OSError(f"corrupt weights in {spec.source}/model.safetensors")
+        model = FakeModel(spec, self.sizes.get(spec.name, 100 * MB))
+        self.models[spec.name] = model
+        return model
+
+    def estimate(self, spec: ModelSpec) -> int:
+        return self.sizes.get(spec.name, 100 * MB)
+
+
+Make = Callable[..., ModelRegistry]
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Make]:
+    made: list[ModelRegistry] = []
+
+    def build(loader: Loader, *specs: ModelSpec, max_models: int = 2, max_bytes: int = 0, **kw: Any) -> ModelRegistry:
+        registry = ModelRegistry(
+            list(specs),
+            specs[0].name,
+            BatchLimits(),
+            Metrics(CollectorRegistry()),
+            max_models=max_models,
+            max_bytes_per_device=max_bytes,
+            loader=loader,  # type: ignore[arg-type]
+            estimate=loader.estimate,
+            **kw,
+        )
+        made.append(registry)
+        return registry
+
+    yield build
+    for registry in made:
+        await registry.close()
+
+
+def specs(*names: str, pinned: tuple[str, ...] = ()) -> list[ModelSpec]:
+    return [ModelSpec(name=n, source=f"/models/{n}", device="cpu", pinned=n in pinned) for n in names]
+
+
+def states(registry: ModelRegistry) -> dict[str, ModelState]:
+    return {info.name: info.state for info in registry.infos()}
+
+
+def sample(registry: ModelRegistry, name: str, labels: dict[str, str]) -> float:
+    assert registry._metrics is not None
+    return registry._metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_eviction_follows_least_recent_use(make: Make) -> None:
+    loader = Loader()
+    registry = make(loader, *specs("a", "b", "c"))
+    await registry.get("a")
+    await registry.get("b")
+    await registry.get("a")  # b is now the least recently used
+    await registry.get("c")
+    assert states(registry) == {"a": ModelState.READY, "b": ModelState.UNLOADED, "c": ModelState.READY}
+    assert loader.models["b"].closed
+    await registry.get("b")  # a is older than c now
+    assert states(registry) == {"a": ModelState.UNLOADED, "b": ModelState.READY, "c": ModelState.READY}
+    assert sample(registry, "qaserve_model_cache_evictions_total", {"model": "b"}) == 1
+    assert sample(registry, "qaserve_model_cache_hits_total", {"model": "a"}) == 1
+    assert sample(registry, "qaserve_model_cache_misses_total", {"model": "b"}) == 2
+    assert sample(registry, "qaserve_models_loaded", {"device": "cpu"}) == 2
+
+
+async def test_pinned_models_are_never_evicted(make: Make) -> None:
+    loader = Loader()
+    registry = make(loader, *specs("a", "b", "c", "d", pinned=("a",)))
+    for name in ("a", "b", "c", "d"):
+        await registry.get(name)
+    assert states(registry)["a"] is ModelState.READY
+    assert loader.calls["a"] == 1
+    with pytest.raises(ModelPinned):
+        await registry.unload("a")
+
+
+async def test_byte_budget_is_respected(make: Make) -> None:
+    loader = Loader(sizes={"a": 100 * MB, "b": 100 * MB, "c": 150 * MB, "huge": 300 * MB})
+    registry = make(loader, *specs("a", "b", "c", "huge"), max_models=10, max_bytes=250 * MB)
+    await registry.get("a")
+    await registry.get("b")
+    await registry.get("c")  # 350 MB would not fit: the least recently used (a) goes
+    assert states(registry)["a"] is ModelState.UNLOADED
+    assert sample(registry, "qaserve_model_bytes", {"device": "cpu"}) == 250 * MB
+    with pytest.raises(ModelTooLarge):
+        await registry.get("huge")  # bigger than the whole budget
+    assert states(registry)["huge"] is ModelState.UNLOADED
+    assert "huge" not in loader.calls  # refused before reading any weights
+
+
+async def test_when_only_pinned_models_remain_a_new_model_cannot_fit(make: Make) -> None:
+    loader = Loader()
+    registry = make(loader, *specs("a", "b", "c", pinned=("a", "b")))
+    await registry.get("a")
+    await registry.get("b")
+    with pytest.raises(ModelTooLarge):
+        await registry.get("c")
+    assert states(registry) == {"a": ModelState.READY, "b": ModelState.READY, "c": ModelState.UNLOADED}
+
+
+async def test_concurrent_first_requests_share_one_load(make: Make) -> None:
+    loader = Loader()
+    loader.gate.clear()
+    registry = make(loader, *specs("a", "b"))
+    requests = [asyncio.create_task(registry.get("b")) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    assert states(registry)["b"] is ModelState.LOADING
+    loader.gate.set()
+    served = await asyncio.gather(*requests)
+    assert loader.calls == {"b": 1}
+    assert all(s is served[0] for s in served)
+
+
+async def test_a_slow_load_does_not_stall_loaded_models(make: Make) -> None:
+    loader = Loader()
+    registry = make(loader, *specs("a", "b"))
+    await registry.get("a")
+    loader.gate.clear()
+    slow = asyncio.create_task(registry.get("b"))
+    await asyncio.sleep(0.02)
+    assert (await asyncio.wait_for(registry.get("a"), 1.0)).model.name == "a"  # type: ignore[attr-defined]
+    loader.gate.set()
+    await slow
+
+
+async def test_load_failure_is_isolated_reported_and_retried(make: Make) -> None:
+    loader = Loader(failures={"b": 1})
+    registry = make(loader, *specs("a", "b"))
+    await registry.get("a")
+    with pytest.raises(ModelFailed) as caught:
+        await registry.get("b")
+    assert "OSError: corrupt weights" in str(caught.value)
+    assert "/models/b" not in str(caught.value)  # the server's paths stay private
+    info = registry.info("b")
+    assert info.state is ModelState.FAILED and "corrupt weights" in info.error
+    with pytest.raises(ModelFailed):
+        await registry.get("b")  # requests do not retry on their own
+    assert loader.calls["b"] == 1
+    assert (await registry.get("a")).model.name == "a"  # type: ignore[attr-defined]
+
+    retried = await registry.load("b")
+    assert retried.state is ModelState.READY and retried.error == ""
+    assert loader.calls["b"] == 2
+
+
+async def test_eviction_waits_for_in_flight_requests(make: Make) -> None:
+    loader = Loader()
+    registry = make(loader, *specs("a", "b", "c"))
+    await registry.get("a")
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def long_request() -> None:
+        async with registry.use("b"):
+            order.append("request started")
+            await release.wait()
+            order.append("request finished")
+
+    request = asyncio.create_task(long_request())
+    await asyncio.sleep(0.01)
+    await registry.get("a")  # b is least recently used
+    load_c = asyncio.create_task(registry.get("c"))
+    await asyncio.sleep(0.05)
+    assert not loader.models["b"].closed  # still serving its request
+    release.set()
+    await request
+    await load_c
+    order.append("evicted" if loader.models["b"].closed else "still loaded")
+    assert order == ["request started", "request finished", "evicted"]
+
+
+async def test_unknown_names_read_nothing(make: Make) -> None:
+    loader = Loader()
+    registry = make(loader, *specs("a"))
+    for name in ("nope", "../a", "/models/a", "org/model"):
+        with pytest.raises(ModelNotFound):
+            await registry.get(name)
+    assert loader.calls == {}
+
+
+async def test_state_changes_are_reported(make: Make) -> None:
+    seen: list[tuple[str, ModelState]] = []
+    loader = Loader(failures={"b": 1})
+    registry = make(loader, *specs("a", "b"), on_state=lambda n, s: seen.append((n, s)))
+    await registry.get("a")
+    with pytest.raises(ModelFailed):
+        await registry.get("b")
+    await registry.unload("a")
+    assert seen == [
+        ("a", ModelState.LOADING),
+        ("a", ModelState.READY),
+        ("b", ModelState.LOADING),
+        ("b", ModelState.FAILED),
+        ("a", ModelState.UNLOADED),
+    ]
