@@ -7,7 +7,7 @@ PROTO_SRC := protos/qaserve/v1
 PROTO_PKG := client/qaserve_client/v1
 ARGS ?=
 
-.PHONY: install proto proto-check run test lint bench clean
+.PHONY: install proto proto-check run test lint bench accuracy clean
 
 install: $(STAMP)
 
@@ -45,6 +45,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.load $(ARGS)
+
+accuracy: $(STAMP)
+	$(BIN)/python -m bench.accuracy $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build
