@@ -7,7 +7,7 @@ PROTO_SRC := protos/qaserve/v1
 PROTO_PKG := client/qaserve_client/v1
 ARGS ?=
 
-.PHONY: install proto proto-check run test lint bench accuracy clean
+.PHONY: install proto proto-check run test lint bench accuracy parity clean
 
 install: $(STAMP)
 
@@ -49,6 +49,15 @@ bench: $(STAMP)
 accuracy: $(STAMP)
 	$(BIN)/python -m bench.accuracy $(ARGS)
 
+# The reference for answer parity: the transformers 4.x QA pipeline, in its own environment.
+.venv-hf4/.installed:
+	$(PYTHON) -m venv .venv-hf4
+	.venv-hf4/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 transformers==4.57.6 tokenizers==0.22.2
+	touch $@
+
+parity: $(STAMP) .venv-hf4/.installed
+	$(BIN)/python -m bench.parity --reference-python .venv-hf4/bin/python $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build
+	rm -rf $(VENV) .venv-hf4 .pytest_cache .mypy_cache .ruff_cache build
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
