@@ -7,7 +7,7 @@ PROTO_SRC := protos/qaserve/v1
 PROTO_PKG := client/qaserve_client/v1
 ARGS ?=
 
-.PHONY: install proto proto-check run test lint bench accuracy parity clean
+.PHONY: install node-deps proto proto-check run test lint docker deploy-check bench accuracy parity reliability clean
 
 install: $(STAMP)
 
@@ -16,6 +16,16 @@ $(STAMP): constraints.txt requirements-dev.txt client/pyproject.toml server/pypr
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt \
 		-e ./client -e ./server -r requirements-dev.txt
 	touch $(STAMP)
+
+# The Node.js client's packages (tests/polyglot), exactly as locked. `make test` installs them where npm exists;
+# without Node.js the polyglot test skips.
+NODE_DEPS := tests/polyglot/node_modules/.package-lock.json
+
+node-deps: $(NODE_DEPS)
+
+$(NODE_DEPS): tests/polyglot/package.json tests/polyglot/package-lock.json
+	cd tests/polyglot && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
 
 # Generates Python messages, gRPC stubs and .pyi type stubs from protos/ into the client package. protoc names
 # modules after the proto path (qaserve.v1.*); the sed moves those imports under qaserve_client.v1.
@@ -35,13 +45,25 @@ proto-check: proto
 run: $(STAMP)
 	$(BIN)/qaserve serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(if $(shell command -v npm),$(NODE_DEPS))
 	$(BIN)/pytest $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The image (needs a Docker engine; CI lints the Dockerfile instead). DEVICE=cuda builds on CUDA torch;
+# CUDA_WHEEL picks the PyTorch wheel index (cu126, cu128, ...).
+IMAGE ?= qaserve:0.1.0
+DEVICE ?= cpu
+CUDA_WHEEL ?= cu128
+docker:
+	docker build --build-arg DEVICE=$(DEVICE) --build-arg CUDA_WHEEL=$(CUDA_WHEEL) -t $(IMAGE) .
+
+# hadolint on the Dockerfile; deploy/k8s against the Kubernetes schemas (kubernetes-validate) and each other.
+deploy-check: $(STAMP)
+	$(BIN)/python deploy/check.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.load $(ARGS)
@@ -58,6 +80,11 @@ accuracy: $(STAMP)
 parity: $(STAMP) .venv-hf4/.installed
 	$(BIN)/python -m bench.parity --reference-python .venv-hf4/bin/python $(ARGS)
 
+# Load, cancellation storm, deadlines, bad input and faults against a local server (loopback only, a few minutes);
+# pytest runs a smaller version. ARGS: --ci, --requests N, --concurrency N, --markdown FILE (see --help).
+reliability: $(STAMP)
+	PYTHONPATH=tests $(BIN)/python -m reliability $(ARGS)
+
 clean:
-	rm -rf $(VENV) .venv-hf4 .pytest_cache .mypy_cache .ruff_cache build
+	rm -rf $(VENV) .venv-hf4 .pytest_cache .mypy_cache .ruff_cache build tests/polyglot/node_modules
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

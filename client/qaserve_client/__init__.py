@@ -1,5 +1,6 @@
 """Client library for the qaserve extractive question-answering gRPC server."""
 
+from qaserve_client.channel import create_aio_channel, create_channel, tls_credentials
 from qaserve_client.client import CLIENT_TIMEOUT, DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncQAClient, QAClient
 from qaserve_client.errors import QAServeError
 from qaserve_client.items import ManyItem
@@ -21,4 +22,7 @@ __all__ = [
     "QAClient",
     "QAServeError",
     "ServerTiming",
+    "create_aio_channel",
+    "create_channel",
+    "tls_credentials",
 ]

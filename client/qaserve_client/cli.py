@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from qaserve_client.channel import create_channel, tls_credentials
 from qaserve_client.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, QAClient
 from qaserve_client.errors import QAServeError
 from qaserve_client.items import ManyItem
@@ -30,9 +31,17 @@ _BATCH_FIELDS = frozenset(("id", *_BATCH_STR_FIELDS, *_BATCH_INT_FIELDS, *_BATCH
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI with `argv` (default sys.argv[1:]) and returns the process exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
-        with QAClient(args.target, timeout=args.timeout) as client:
+        channel = _channel(args)
+    except ValueError as error:
+        parser.error(str(error))
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        with channel, QAClient(channel=channel, timeout=args.timeout) as client:
             if args.command == "health":
                 return _health(client, args)
             if args.command == "models":
@@ -56,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         "--target",
         default=os.environ.get("QASERVE_TARGET", DEFAULT_TARGET),
         metavar="HOST:PORT",
-        help=f"server address (default: $QASERVE_TARGET or {DEFAULT_TARGET})",
+        help=f"server address, or dns:///NAME:PORT to spread calls over every address of NAME "
+        f"(default: $QASERVE_TARGET or {DEFAULT_TARGET})",
     )
     parser.add_argument(
         "--timeout",
@@ -65,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"deadline of each call; of the whole stream for ask --stream and batch (default: {DEFAULT_TIMEOUT:g})",
     )
+    _add_connection_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     ask = commands.add_parser("ask", help="answer a question about a context")
@@ -123,6 +134,39 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("name", help="a configured model name")
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    security = parser.add_argument_group(
+        "TLS and tokens",
+        "Each option also reads the variable named in its help. The token itself is read from $QASERVE_TOKEN "
+        "or --token-file, never from a flag, which would show in process listings.",
+    )
+    security.add_argument(
+        "--tls", action="store_true", help="connect over TLS, checking the server with the system's CAs"
+    )
+    for flag, env, text in (
+        ("--ca-file", "QASERVE_CA_FILE", "PEM CA bundle to check the server's certificate with (implies --tls)"),
+        ("--cert-file", "QASERVE_CERT_FILE", "PEM client certificate for mutual TLS (implies --tls; with --key-file)"),
+        ("--key-file", "QASERVE_KEY_FILE", "PEM private key of --cert-file"),
+        ("--server-name", "QASERVE_SERVER_NAME", "name the server's certificate must carry, if not the target's host"),
+        ("--token-file", "QASERVE_TOKEN_FILE", "file holding the bearer token to send"),
+    ):
+        metavar = "NAME" if flag == "--server-name" else "FILE"
+        security.add_argument(flag, default=os.environ.get(env) or None, metavar=metavar, help=f"{text} [${env}]")
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """The channel the connection options describe; OSError when a file cannot be read."""
+    token = os.environ.get("QASERVE_TOKEN") or None
+    if args.token_file:
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"--token-file {args.token_file} is empty")
+    credentials = None
+    if args.tls or args.ca_file or args.cert_file or args.key_file:
+        credentials = tls_credentials(args.ca_file, args.cert_file, args.key_file)
+    return create_channel(args.target, credentials=credentials, token=token, server_name=args.server_name)
 
 
 def _ask(client: QAClient, args: argparse.Namespace) -> int:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Generator, Iterable, Iterator
-from importlib import metadata
 from types import TracebackType
 from typing import Final, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from qaserve_client.channel import create_aio_channel, create_channel
 from qaserve_client.converters import (
     build_many_request,
     build_request,
@@ -39,25 +39,6 @@ class ClientTimeout(enum.Enum):
 
 CLIENT_TIMEOUT: Final = ClientTimeout.CLIENT_TIMEOUT
 """The default `timeout` of the streaming calls: the client's timeout, as the deadline of the whole stream."""
-
-
-def _user_agent() -> str:
-    try:
-        return f"qaserve-client/{metadata.version('qaserve-client')}"
-    except metadata.PackageNotFoundError:
-        return "qaserve-client"
-
-
-def _channel_options() -> list[tuple[str, str | int]]:
-    return [
-        ("grpc.primary_user_agent", _user_agent()),
-        # Pings only while calls are in flight and no more often than a default gRPC server accepts
-        # (grpc.http2.min_ping_interval_without_data_ms, 5 minutes), so a server never answers with
-        # GOAWAY "too_many_pings"; they still catch a dead connection under a long-running call.
-        ("grpc.keepalive_time_ms", 300_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.keepalive_permit_without_calls", 0),
-    ]
 
 
 def _status_name(response: health_pb2.HealthCheckResponse) -> str:
@@ -117,19 +98,19 @@ class QAClient:
         timeout: float = DEFAULT_TIMEOUT,
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
-        """Connects to `target` (host:port), over TLS when `credentials` are given.
+        """Connects to `target`: "host:port", or "dns:///name:port" to spread calls over every address of the
+        name (round_robin); calls failing with UNAVAILABLE are retried (see qaserve_client.channel).
 
-        A `channel` passed in is used instead of `target` and `credentials`; it stays open on close(), since
-        its owner may share it.
+        Over TLS when `credentials` are given (tls_credentials(ca_file, cert_file, key_file)); `token` is sent
+        as `authorization: Bearer <token>` on every call. A `channel` passed in is used instead of `target`,
+        `credentials` and `token`; it stays open on close(), since its owner may share it.
         """
         self._timeout = timeout
         self._owns_channel = channel is None
         if channel is None:
-            if credentials is None:
-                channel = grpc.insecure_channel(target, options=_channel_options())
-            else:
-                channel = grpc.secure_channel(target, credentials, options=_channel_options())
+            channel = create_channel(target, credentials=credentials, token=token)
         self._channel = channel
         self._stub = pb_grpc.QuestionAnsweringServiceStub(channel)
         self._health_stub = health_pb2_grpc.HealthStub(channel)
@@ -333,19 +314,19 @@ class AsyncQAClient:
         timeout: float = DEFAULT_TIMEOUT,
         channel: grpc.aio.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
-        """Connects to `target` (host:port), over TLS when `credentials` are given.
+        """Connects to `target`: "host:port", or "dns:///name:port" to spread calls over every address of the
+        name (round_robin); calls failing with UNAVAILABLE are retried (see qaserve_client.channel).
 
-        A `channel` passed in is used instead of `target` and `credentials`; it stays open on close(), since
-        its owner may share it.
+        Over TLS when `credentials` are given (tls_credentials(ca_file, cert_file, key_file)); `token` is sent
+        as `authorization: Bearer <token>` on every call. A `channel` passed in is used instead of `target`,
+        `credentials` and `token`; it stays open on close(), since its owner may share it.
         """
         self._timeout = timeout
         self._owns_channel = channel is None
         if channel is None:
-            if credentials is None:
-                channel = grpc.aio.insecure_channel(target, options=_channel_options())
-            else:
-                channel = grpc.aio.secure_channel(target, credentials, options=_channel_options())
+            channel = create_aio_channel(target, credentials=credentials, token=token)
         self._channel = channel
         self._stub = pb_grpc.QuestionAnsweringServiceStub(channel)
         self._health_stub = health_pb2_grpc.HealthStub(channel)

@@ -66,14 +66,40 @@ class Settings:
     stream_max_in_flight: int = 64
     grace_seconds: float = 10.0
     log_level: str = "INFO"
+    # Deployment and security (README "Deployment" and "Security").
+    log_format: str = "text"  # text | json (one object per line)
+    drain_seconds: float = 5.0  # on SIGTERM: NOT_SERVING but still serving this long, then stop with grace
+    health_port: int = 0  # a plaintext port serving only grpc.health.v1 (for kubelet probes under TLS); 0 = none
+    max_connection_age_seconds: float = 0.0  # 0 = connections live forever
+    max_connection_age_grace_seconds: float = 30.0
+    keepalive_time_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
+    keepalive_min_ping_interval_seconds: float = 10.0
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    max_send_message_bytes: int = 4 * 1024 * 1024
+    tls_cert: str = ""  # PEM certificate chain; with tls_key turns TLS on
+    tls_key: str = ""
+    tls_client_ca: str = ""  # PEM CA bundle; turns mutual TLS on (clients must present a certificate it signed)
+    auth_tokens_file: str = ""  # one bearer token per line; re-read when it changes
+    # Comma-separated; from QASERVE_AUTH_TOKENS only, never a flag (see ENV_ONLY), and never in a repr.
+    auth_tokens: str = dataclasses.field(default="", repr=False)
 
     @property
     def resolved_model_name(self) -> str:
         return self.model_name or Path(self.model.rstrip("/")).name
 
     def describe(self) -> str:
-        """The resolved settings for the start-up log."""
-        return " ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        """The resolved settings for the start-up log, secrets redacted."""
+        return " ".join(
+            f"{f.name}={'<redacted>' if f.name in SECRETS and getattr(self, f.name) else repr(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+        )
+
+
+# Settings never logged as they are.
+SECRETS = frozenset({"auth_tokens"})
+# Settings read from QASERVE_<NAME> only: a flag's value shows in every process listing.
+ENV_ONLY = frozenset({"auth_tokens"})
 
 
 HELP = {
@@ -99,6 +125,24 @@ HELP = {
     "stream_max_in_flight": "AnswerMany items of one stream in progress at once (flow control)",
     "grace_seconds": "on SIGTERM/SIGINT, how long in-flight requests get to finish",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text or json (one JSON object per line, for log aggregation); DEBUG logs one line per request",
+    "drain_seconds": "on SIGTERM, how long health says NOT_SERVING while new and in-flight requests are still served, "
+    "before --grace-seconds",
+    "health_port": "plaintext port serving only grpc.health.v1, for kubelet gRPC probes when TLS is on (0 = none)",
+    "max_connection_age_seconds": "close connections after this long (GOAWAY) so clients re-resolve and rebalance "
+    "(0 = never)",
+    "max_connection_age_grace_seconds": "how long calls on a connection past its age may still run",
+    "keepalive_time_seconds": "ping a client after this long without activity",
+    "keepalive_timeout_seconds": "close a connection whose ping goes unanswered this long",
+    "keepalive_min_ping_interval_seconds": "shortest interval between client pings accepted, also without calls",
+    "max_receive_message_bytes": "largest request message accepted; larger ones get RESOURCE_EXHAUSTED",
+    "max_send_message_bytes": "largest response message sent; larger ones fail with RESOURCE_EXHAUSTED",
+    "tls_cert": "PEM certificate chain; with --tls-key serves TLS only (re-read when the files change)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle: require clients to present a certificate it signed (mutual TLS)",
+    "auth_tokens_file": "file of bearer tokens, one a line, re-read when it changes; any one of them, or of "
+    "QASERVE_AUTH_TOKENS (comma-separated, environment only), is required on every RPC but health and reflection",
+    "auth_tokens": "comma-separated bearer tokens (environment QASERVE_AUTH_TOKENS only)",
 }
 
 
@@ -107,6 +151,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] = os.environ)
     parser = argparse.ArgumentParser(prog="qaserve serve", description="Serve extractive question answering over gRPC.")
     defaults = Settings()
     for field in dataclasses.fields(Settings):
+        if field.name in ENV_ONLY:
+            continue
         kind = type(getattr(defaults, field.name))
         env_name = f"QASERVE_{field.name.upper()}"
         default = getattr(defaults, field.name)
@@ -119,7 +165,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] = os.environ)
             help=f"{HELP[field.name]} [env {env_name}; default %(default)s]",
         )
     args = parser.parse_args(argv)
-    settings = Settings(**vars(args))
+    env_only: dict[str, Any] = {name: environ.get(f"QASERVE_{name.upper()}", "") for name in ENV_ONLY}
+    settings = Settings(**vars(args), **env_only)
     _check(settings, parser)
     return settings
 
@@ -132,6 +179,8 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         "max_batch_windows",
         "stream_max_in_flight",
         "replicas_per_device",
+        "max_receive_message_bytes",
+        "max_send_message_bytes",
     )
     for name in positive:
         if getattr(s, name) < 1:
@@ -143,6 +192,34 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     if s.tokenize_threads < 1:
         parser.error("--tokenize-threads must be at least 1")
+    _check_deployment(s, parser)
+
+
+def _check_deployment(s: Settings, parser: argparse.ArgumentParser) -> None:
+    for name in (
+        "drain_seconds",
+        "health_port",
+        "max_connection_age_seconds",
+        "max_connection_age_grace_seconds",
+        "keepalive_min_ping_interval_seconds",
+    ):
+        if getattr(s, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    for name in ("keepalive_time_seconds", "keepalive_timeout_seconds"):
+        if getattr(s, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if s.log_format not in ("text", "json"):
+        parser.error("--log-format must be text or json")
+    if s.health_port and s.health_port == s.port:
+        parser.error("--health-port must differ from --port")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if s.tls_client_ca and not s.tls_cert:
+        parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file"):
+        path = getattr(s, name)
+        if path and not Path(path).is_file():
+            parser.error(f"--{name.replace('_', '-')}: no such file: {path}")
 
 
 def models_config(settings: Settings) -> ModelsConfig:

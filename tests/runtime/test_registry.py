@@ -104,6 +104,14 @@ async def make() -> AsyncIterator[Make]:
         await registry.close()
 
 
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
 def specs(*names: str, pinned: tuple[str, ...] = ()) -> list[ModelSpec]:
     return [ModelSpec(name=n, source=f"/models/{n}", device="cpu", pinned=n in pinned) for n in names]
 
@@ -228,11 +236,13 @@ async def test_eviction_waits_for_in_flight_requests(make: Make) -> None:
             order.append("request finished")
 
     request = asyncio.create_task(long_request())
-    await asyncio.sleep(0.01)
+    await until(lambda: order == ["request started"])
     await registry.get("a")  # b is least recently used
     load_c = asyncio.create_task(registry.get("c"))
+    await until(lambda: registry.info("b").state is ModelState.UNLOADED)  # chosen for eviction, draining
     await asyncio.sleep(0.05)
     assert not loader.models["b"].closed  # still serving its request
+    assert not load_c.done()
     release.set()
     await request
     await load_c

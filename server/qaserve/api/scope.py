@@ -1,19 +1,31 @@
-"""Per-RPC bookkeeping: in-flight gauge, duration by method/model/code, and turning errors into statuses."""
+"""Per-RPC bookkeeping: request id, in-flight gauge, duration by method/model/code, the request's debug log line,
+and turning errors into statuses."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import dataclasses
 import logging
+import re
 import time
+import uuid
 from types import TracebackType
 
 import grpc
 
+from qaserve import logs
 from qaserve.api.errors import internal_status, to_status
 from qaserve.errors import QAServeError
 from qaserve.metrics import Metrics
+from qaserve.qa import Timing
 
 log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+# An incoming id is kept when it is short printable ASCII (it goes into logs); otherwise the server makes one.
+_VALID_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class RpcScope:
@@ -21,6 +33,10 @@ class RpcScope:
 
     A QAServeError aborts the RPC with its status and details; any other exception is logged with its traceback
     and aborts with a generic INTERNAL. The duration is recorded under the code the client got.
+
+    The request id is the client's `x-request-id` metadata or a new one; it goes back in the trailing metadata and
+    into every log record of the request. At DEBUG each RPC logs one line: id, method, model, code, timings
+    (the stages of `timing` when the handler sets it).
     """
 
     def __init__(self, metrics: Metrics, method: str, context: grpc.aio.ServicerContext, model: str) -> None:
@@ -29,7 +45,10 @@ class RpcScope:
         self.context = context
         self.model = model
         self.code = "OK"
+        self.request_id = ""
+        self.timing: Timing | None = None
         self._started = 0.0
+        self._log_context: contextvars.Token[str] | None = None
 
     def deadline(self) -> float | None:
         """The client's deadline on the event loop's clock, if it set one."""
@@ -38,6 +57,9 @@ class RpcScope:
 
     async def __aenter__(self) -> RpcScope:
         self._started = time.perf_counter()
+        self.request_id = _incoming_request_id(self.context) or uuid.uuid4().hex
+        self._log_context = logs.request_id.set(self.request_id)
+        self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         self.metrics.in_flight.labels(self.method).inc()
         return self
 
@@ -57,12 +79,58 @@ class RpcScope:
             self.code = "INTERNAL"
             self.metrics.errors.labels("INTERNAL").inc()
             status = internal_status()
-        self.metrics.request_duration.labels(self.method, self.model, self.code).observe(
-            time.perf_counter() - self._started
-        )
+        duration = time.perf_counter() - self._started
+        self.metrics.request_duration.labels(self.method, self.model, self.code).observe(duration)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log(duration)
+        self._reset_log_context()
         if status is not None:
-            await self.context.abort_with_status(status)
+            # Aborting replaces the trailing metadata: the request id goes along with the status details.
+            await self.context.abort(
+                status.code, status.details, (*status.trailing_metadata, (REQUEST_ID_KEY, self.request_id))
+            )
         return False
+
+    def _log(self, duration: float) -> None:
+        fields: dict[str, object] = {
+            "request_id": self.request_id,
+            "rpc": self.method,
+            "model": self.model,
+            "code": self.code,
+            "duration_ms": round(duration * 1000, 3),
+            "peer": self.context.peer(),
+        }
+        stages = ""
+        if self.timing is not None:
+            for stage, seconds in dataclasses.asdict(self.timing).items():
+                if stage != "total":
+                    fields[f"{stage}_ms"] = round(seconds * 1000, 3)
+                    stages += f" {stage}_ms={seconds * 1000:.2f}"
+        log.debug(
+            "%s model=%s code=%s duration_ms=%.2f%s request_id=%s",
+            self.method,
+            self.model,
+            self.code,
+            duration * 1000,
+            stages,
+            self.request_id,
+            extra=fields,
+        )
+
+    def _reset_log_context(self) -> None:
+        if self._log_context is None:
+            return
+        # ValueError: an async generator closed from another context, which ends with its own task anyway.
+        with contextlib.suppress(ValueError):
+            logs.request_id.reset(self._log_context)
+        self._log_context = None
+
+
+def _incoming_request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _VALID_REQUEST_ID.fullmatch(value):
+            return value
+    return ""
 
 
 def _is_abort(error: BaseException) -> bool:

@@ -39,6 +39,7 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
     async def Answer(self, request: pb.AnswerRequest, context: grpc.aio.ServicerContext) -> pb.AnswerResponse:
         async with self._scope("Answer", context, request.model) as scope:
             result = await self.engine.answer(converters.qa_request(request), deadline=scope.deadline())
+            scope.timing = result.timing
             return converters.answer_response(result)
         raise AssertionError("unreachable: the scope re-raises or aborts")
 
@@ -53,6 +54,7 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
                     if isinstance(update, QAProgress):
                         yield pb.AnswerProgressiveResponse(partial=converters.partial_answer(update))
                     else:
+                        scope.timing = update.timing
                         yield pb.AnswerProgressiveResponse(final=converters.answer_response(update))
                     sent += 1
         self.metrics.stream_items.labels("AnswerProgressive").observe(sent)

@@ -1,0 +1,70 @@
+# syntax=docker/dockerfile:1
+# The qaserve image: `make docker` (CPU torch) or `make docker DEVICE=cuda` (CUDA torch; run with --gpus all).
+# A build stage installs the pinned dependencies into a virtual environment; the final stage holds that
+# environment, the embedded model and nothing to build with, and runs as an unprivileged user.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# cpu or cuda: picks the base stage below and the torch wheel.
+ARG DEVICE=cpu
+
+FROM ${PYTHON_IMAGE} AS base-cpu
+
+FROM ${PYTHON_IMAGE} AS base-cuda
+# The CUDA runtime libraries come with the CUDA torch wheel (its nvidia-* dependencies); the NVIDIA container
+# toolkit mounts the host's driver into containers that ask for it with these.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+# base-cpu or base-cuda, stages above (tagged there), which hadolint cannot resolve.
+# hadolint ignore=DL3006
+FROM base-${DEVICE} AS build
+ARG DEVICE
+ARG TORCH_VERSION=2.13.0
+# The PyTorch wheel index a CUDA build takes torch from: cu126, cu128, ... (one that offers TORCH_VERSION).
+ARG CUDA_WHEEL=cu128
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN python -m venv /opt/qaserve/venv
+WORKDIR /src
+COPY constraints.txt ./
+COPY client/ client/
+COPY server/ server/
+# torch alone from the PyTorch index (the CPU wheel is a fifth of the size of PyPI's CUDA one), then everything
+# else from PyPI at the versions constraints.txt pins; pip installs torch's own dependencies there too.
+RUN wheels="cpu"; if [ "${DEVICE}" = "cuda" ]; then wheels="${CUDA_WHEEL}"; fi \
+    && /opt/qaserve/venv/bin/pip install --no-deps --index-url "https://download.pytorch.org/whl/${wheels}" \
+        "torch==${TORCH_VERSION}" \
+    && /opt/qaserve/venv/bin/pip install --constraint constraints.txt ./client ./server \
+    && /opt/qaserve/venv/bin/pip uninstall --yes pip \
+    && find /opt/qaserve/venv -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# base-cpu or base-cuda, stages above (tagged there), which hadolint cannot resolve.
+# hadolint ignore=DL3006
+FROM base-${DEVICE} AS runtime
+LABEL org.opencontainers.image.title="qaserve" \
+      org.opencontainers.image.description="gRPC server for extractive question answering" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 qaserve \
+    && useradd --system --uid 10001 --gid qaserve --home-dir /nonexistent --no-create-home \
+        --shell /usr/sbin/nologin qaserve
+COPY --from=build /opt/qaserve/venv /opt/qaserve/venv
+COPY models/ /opt/qaserve/models/
+# Everything the server reads is root's and read-only to it; it writes nothing but, where a hub id is
+# configured, the Hugging Face cache under /tmp (a writable emptyDir when the root filesystem is read-only).
+ENV PATH=/opt/qaserve/venv/bin:${PATH} \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/tmp/huggingface \
+    QASERVE_MODEL=/opt/qaserve/models/minilm-l6-squadshifts
+WORKDIR /tmp
+USER 10001:10001
+# gRPC, Prometheus /metrics.
+EXPOSE 50051 9090
+# For docker and compose; Kubernetes probes use gRPC health natively (deploy/k8s). Under TLS set QASERVE_CA_FILE
+# (and QASERVE_SERVER_NAME when the certificate does not name localhost) for this check.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["qaserve-client", "--target", "localhost:50051", "--timeout", "3", "health"]
+ENTRYPOINT ["qaserve"]
+CMD ["serve"]

@@ -1,0 +1,152 @@
+"""Graceful shutdown: SIGTERM turns health NOT_SERVING, the drain keeps serving, nothing accepted is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from qaserve.main import create_server
+from qaserve_client.v1 import question_answering_pb2 as pb
+from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
+
+from qaserve_testing import SEED_QUESTION, free_port, tiny_settings
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A few windows per request, so the burst keeps the server busy for a while.
+LONG_CONTEXT = " ".join(f"Paris is the capital of France and sentence {i} says so." for i in range(120))
+# Retries off: a request the server dropped must show as a failure, not be answered by a second attempt.
+NO_RETRIES = [("grpc.enable_retries", 0)]
+
+
+class HealthWatch:
+    """Everything one Health.Watch stream reports, until the server ends it."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.statuses: list[int] = []
+        self.changed = asyncio.Condition()
+        self._call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for reply in self._call:
+                async with self.changed:
+                    self.statuses.append(reply.status)
+                    self.changed.notify_all()
+        except grpc.aio.AioRpcError as error:
+            # The stream may end with the connection rather than with the server's OK.
+            assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), error
+
+    async def reaches(self, status: int) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(lambda: status in self.statuses), 30)
+
+
+async def answer(stub: pb_grpc.QuestionAnsweringServiceStub) -> str:
+    response = await stub.Answer(pb.AnswerRequest(question=SEED_QUESTION, context=LONG_CONTEXT), timeout=60)
+    return response.model.name
+
+
+async def wait_serving(channel: grpc.aio.Channel, process: asyncio.subprocess.Process) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for _ in range(600):
+        if process.returncode is not None:
+            raise AssertionError(f"the server exited with {process.returncode} before serving")
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            if reply.status == SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("the server did not report SERVING within 60 s")
+
+
+@pytest.fixture
+async def server_process(tiny_model_dir: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`qaserve serve` on the tiny model in a process of its own; yields (process, target)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QASERVE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "qaserve.main",
+        "serve",
+        *("--model", str(tiny_model_dir), "--model-name", "tiny", "--device", "cpu", "--torch-threads", "1"),
+        *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"),
+        *("--drain-seconds", "2", "--grace-seconds", "30", "--log-format", "json"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        yield process, f"127.0.0.1:{port}"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_during_a_burst_answers_all_50_and_exits_0(
+    server_process: tuple[asyncio.subprocess.Process, str],
+) -> None:
+    process, target = server_process
+    async with grpc.aio.insecure_channel(target, options=NO_RETRIES) as channel:
+        await wait_serving(channel, process)
+        watch = HealthWatch(channel)
+        await watch.reaches(SERVING)
+        stub = pb_grpc.QuestionAnsweringServiceStub(channel)
+
+        before = [asyncio.create_task(answer(stub)) for _ in range(25)]
+        await asyncio.sleep(0.05)  # the burst is on the wire
+        process.send_signal(signal.SIGTERM)
+        await watch.reaches(NOT_SERVING)
+        # Health says NOT_SERVING, and the drain still serves what load balancers have not yet moved elsewhere.
+        after = [asyncio.create_task(answer(stub)) for _ in range(25)]
+
+        answers = await asyncio.gather(*before, *after)
+        assert answers == ["tiny"] * 50
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+        await asyncio.wait_for(watch.task, 10)  # the server ended the stream
+    assert watch.statuses[:2] == [SERVING, NOT_SERVING]
+
+    assert process.stderr is not None
+    log = [json.loads(line) for line in (await process.stderr.read()).decode().splitlines() if line.startswith("{")]
+    messages = [entry["message"] for entry in log]
+    assert any(m.startswith("SIGTERM: health NOT_SERVING") for m in messages), messages
+    assert messages[-1] == "stopped"
+    assert any(m.startswith("settings: ") for m in messages)
+
+
+async def test_drain_serves_new_requests_and_stop_ends_watch_streams(tiny_model_dir: Path) -> None:
+    # A grace far longer than the test may take: stop() must not wait for it while only Watch streams are open.
+    server, port = create_server(tiny_settings(tiny_model_dir, grace_seconds=120), registry=CollectorRegistry())
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_RETRIES) as channel:
+            watch = HealthWatch(channel)
+            await watch.reaches(SERVING)
+            cut_short = asyncio.Event()
+            draining = asyncio.create_task(server.drain(60, cut_short=cut_short))
+            await watch.reaches(NOT_SERVING)
+            assert await answer(pb_grpc.QuestionAnsweringServiceStub(channel)) == "tiny"
+            cut_short.set()
+            await asyncio.wait_for(draining, 10)
+            await asyncio.wait_for(server.stop(), 30)
+            await asyncio.wait_for(watch.task, 10)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await answer(pb_grpc.QuestionAnsweringServiceStub(channel))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop()
