@@ -234,8 +234,8 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
     return qa_server, port
 
 
-async def serve(settings: Settings) -> None:
-    """Runs until SIGINT/SIGTERM, then stops gracefully."""
+async def serve(settings: Settings) -> int:
+    """Runs until SIGINT/SIGTERM, then stops gracefully; returns the exit status (1 when start-up failed)."""
     import torch
 
     torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
@@ -264,7 +264,15 @@ async def serve(settings: Settings) -> None:
     if (settings.auth_tokens or settings.auth_tokens_file) and not settings.tls_cert:
         log.warning("bearer tokens without TLS cross the network in the clear unless a proxy or mesh encrypts it")
     starting = asyncio.create_task(server.start())
-    await stop.wait()
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and not starting.cancelled() and (failure := starting.exception()) is not None:
+        # A preloaded model that cannot load leaves nothing to serve: exit, so the operator (or kubelet) sees it.
+        log.error("start-up failed: %s", failure)
+        stopping.cancel()
+        await server.stop()
+        return 1
+    await stopping
     # SIGTERM (Kubernetes, docker stop) drains: endpoints and client-side balancers need a moment to stop sending
     # here. SIGINT (Ctrl-C) and a second signal skip the drain.
     if received[0] == signal.SIGTERM and server.serving and settings.drain_seconds > 0:
@@ -278,6 +286,7 @@ async def serve(settings: Settings) -> None:
     starting.cancel()
     await server.stop()
     log.info("stopped")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -288,11 +297,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = parse_settings(args[1:])
     configure_logging(settings.log_level, settings.log_format)
+    try:
+        models_config(settings)  # a bad models file fails here, with its message, before anything starts
+    except (OSError, ValueError) as error:
+        log.error("invalid models configuration: %s", error)
+        return 2
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    asyncio.run(serve(settings))
-    return 0
+    return asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

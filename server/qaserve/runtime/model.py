@@ -111,6 +111,8 @@ class QAModel:
         started = time.perf_counter()
         source = spec.source
         local = Path(source).is_dir()
+        if not local and source.startswith(("/", "./", "../", "~")):
+            raise FileNotFoundError(f"model directory {source} does not exist")
         revision = None if local else spec.revision
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
         if not getattr(tokenizer, "is_fast", False):
