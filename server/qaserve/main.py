@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from qaserve.api import ModelServicer, QuestionAnsweringServicer
 from qaserve.api.auth import BearerTokenInterceptor, BearerTokens, ServerTLS
+from qaserve.api.wire import MalformedRequestInterceptor
 from qaserve.config import Settings, models_config, parse_settings
 from qaserve.logs import configure_logging
 from qaserve.metrics import Metrics
@@ -205,7 +206,8 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
         max_context_chars=settings.max_context_chars,
     )
     tokens = BearerTokens.from_settings(settings.auth_tokens, settings.auth_tokens_file)
-    interceptors = [] if tokens is None else [BearerTokenInterceptor(tokens, metrics)]
+    interceptors: list[grpc.aio.ServerInterceptor] = [] if tokens is None else [BearerTokenInterceptor(tokens, metrics)]
+    interceptors.append(MalformedRequestInterceptor(metrics))
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     pb_grpc.add_QuestionAnsweringServiceServicer_to_server(
         QuestionAnsweringServicer(engine, metrics, settings.stream_max_in_flight), server

@@ -59,7 +59,9 @@ class AnswerRequest(_message.Message):
     a window; default min(128, max_seq_len / 2).
     """
     max_question_len: _builtins.int
-    """Longest question accepted, in tokens. 1..max_seq_len, default 64. A longer question is rejected, not truncated."""
+    """Longest question accepted, in tokens. >= 1, default 64. A longer question is rejected, not truncated; so is a
+    question that leaves no room for context in max_seq_len.
+    """
     handle_impossible_answer: _builtins.bool
     """When true, the empty answer (text "", start = end = 0) competes with the spans, scored by the model's
     no-answer (CLS) probability. Default false.

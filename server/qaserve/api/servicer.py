@@ -84,14 +84,18 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
                 done.put_nowait(response)
 
             async def read() -> None:
-                async for item in requests:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer_one(item))
-                    items.add(task)
-                    task.add_done_callback(items.discard)
-                while items:
-                    await asyncio.wait(set(items))
-                done.put_nowait(None)
+                # However reading ends, the response loop hears of it: None, then `await reader` re-raises a failure
+                # (a malformed or broken request stream) so that the scope turns it into the call's status.
+                try:
+                    async for item in requests:
+                        await slots.acquire()
+                        task = asyncio.create_task(answer_one(item))
+                        items.add(task)
+                        task.add_done_callback(items.discard)
+                    while items:
+                        await asyncio.wait(set(items))
+                finally:
+                    done.put_nowait(None)
 
             reader = asyncio.create_task(read())
             try:

@@ -1,0 +1,101 @@
+"""Requests that cannot be parsed: INTERNAL with a generic message (gRPC's code for it), never the parser's text."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+
+from qaserve.api.errors import rpc_status_of
+from qaserve.errors import QAServeError
+from qaserve.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class MalformedRequest(QAServeError):
+    """The request bytes are not a valid message of the method's request type."""
+
+    code = "INTERNAL"
+    reason = "MALFORMED_REQUEST"
+
+    def __init__(self) -> None:
+        super().__init__("the request could not be parsed as the method's request message")
+
+
+class _Unparsed:
+    """Stands in for a message whose bytes did not parse (grpc.aio would answer UNKNOWN with the parser's text)."""
+
+
+UNPARSED = _Unparsed()
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Parses requests itself, so that undecodable bytes end the call with MalformedRequest's status."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception:
+                return UNPARSED
+
+        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+        behavior = getattr(handler, kind)
+        wrapped = self._wrap(behavior, kind.startswith("stream"), details.method)
+        if wrapped is None:
+            return handler  # a synchronous handler: grpc's own parsing stays
+        return handler._replace(request_deserializer=tolerant, **{kind: wrapped})
+
+    def _wrap(self, behavior: Callable[..., Any], streamed: bool, method: str) -> Callable[..., Any] | None:
+        """The same kind of callable as `behavior` (grpc.aio dispatches on it), checking what was parsed."""
+
+        async def requests_of(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
+                if request is UNPARSED:
+                    log.info("%s: a streamed request could not be parsed", method)
+                    raise MalformedRequest()
+                yield request
+
+        async def first(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if streamed:
+                return requests_of(request)
+            if request is UNPARSED:
+                await self._abort(context, method)
+            return request
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for response in behavior(await first(request, context), context):
+                    yield response
+
+            return generator
+        if inspect.iscoroutinefunction(behavior):
+
+            async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await behavior(await first(request, context), context)
+
+            return coroutine
+        return None
+
+    async def _abort(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        log.info("%s: request could not be parsed", method)
+        self.metrics.errors.labels(MalformedRequest.reason).inc()
+        await context.abort_with_status(rpc_status.to_status(rpc_status_of(MalformedRequest())))
