@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import threading
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from qaserve.runtime.device import replica_devices, resolve_dtype
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_COPIES = 2  # the default --tokenize-threads
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,12 @@ class QAModel:
     def __init__(self, spec: ModelSpec, tokenizer: Any, replicas: list[Replica], revision: str, dtype: torch.dtype):
         self.spec = spec
         self.tokenizer = tokenizer
-        self._thread_tokenizers = threading.local()
+        # Copies for concurrent tokenizing: a call sets truncation state on the shared Rust tokenizer, so
+        # concurrent calls on one instance would tokenize with each other's settings. Made at load, not on the
+        # first requests (a copy takes tens of milliseconds); more are made if more threads tokenize at once.
+        self._tokenizers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(TOKENIZER_COPIES):
+            self._tokenizers.put(copy.deepcopy(tokenizer))
         self.replicas = replicas
         self.revision = revision
         self.dtype = dtype
@@ -142,17 +148,15 @@ class QAModel:
         return resolve_params(params, self.max_seq_len)
 
     def split(self, question: str, context: str, params: QAParams) -> Windows:
-        """Tokenizes into windows; `params` from resolve()."""
-        return split_into_windows(self._tokenizer(), question, context, params)
-
-    def _tokenizer(self) -> Any:
-        """This thread's copy of the tokenizer: a call sets truncation state on the shared Rust tokenizer, so
-        concurrent calls on one instance would tokenize with each other's settings."""
-        tokenizer = getattr(self._thread_tokenizers, "tokenizer", None)
-        if tokenizer is None:
+        """Tokenizes into windows (thread-safe); `params` from resolve()."""
+        try:
+            tokenizer = self._tokenizers.get_nowait()
+        except queue.Empty:
             tokenizer = copy.deepcopy(self.tokenizer)
-            self._thread_tokenizers.tokenizer = tokenizer
-        return tokenizer
+        try:
+            return split_into_windows(tokenizer, question, context, params)
+        finally:
+            self._tokenizers.put(tokenizer)
 
     @staticmethod
     def inputs(windows: Windows) -> list[WindowInput]:
