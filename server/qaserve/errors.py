@@ -79,13 +79,6 @@ class DeadlineTooShort(QAServeError):
     reason = "DEADLINE_TOO_SHORT"
 
 
-class Cancelled(QAServeError):
-    """The client went away before the work was done."""
-
-    code = "CANCELLED"
-    reason = "CANCELLED"
-
-
 class ShuttingDown(QAServeError):
     """The server is draining and takes no new work."""
 
