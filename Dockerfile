@@ -44,8 +44,7 @@ RUN wheels="cpu"; if [ "${DEVICE}" = "cuda" ]; then wheels="${CUDA_WHEEL}"; fi \
 # hadolint ignore=DL3006
 FROM base-${DEVICE} AS runtime
 LABEL org.opencontainers.image.title="qaserve" \
-      org.opencontainers.image.description="gRPC server for extractive question answering" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.description="gRPC server for extractive question answering"
 RUN groupadd --system --gid 10001 qaserve \
     && useradd --system --uid 10001 --gid qaserve --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin qaserve
