@@ -241,7 +241,11 @@ async def serve(settings: Settings) -> int:
     import torch
 
     torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
-    server, port = create_server(settings)
+    try:
+        server, port = create_server(settings)
+    except (OSError, ValueError) as error:  # a bad models file, certificate or token file: nothing has started
+        log.error("invalid configuration: %s", error)
+        return 2
     stop = asyncio.Event()
     hurry = asyncio.Event()
     received: list[signal.Signals] = []
@@ -299,11 +303,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = parse_settings(args[1:])
     configure_logging(settings.log_level, settings.log_format)
-    try:
-        models_config(settings)  # a bad models file fails here, with its message, before anything starts
-    except (OSError, ValueError) as error:
-        log.error("invalid models configuration: %s", error)
-        return 2
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]

@@ -47,29 +47,24 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self.metrics = metrics
 
     def _scope(self, method: str, context: grpc.aio.ServicerContext, name: str) -> RpcScope:
-        name = name or self.registry.default
-        return RpcScope(self.metrics, method, context, name if name in self.registry.specs else "unknown")
+        return RpcScope(self.metrics, method, context, self.registry.label(name))
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         async with self._scope("ListModels", context, ""):
             return pb.ListModelsResponse(models=[model_message(i) for i in self.registry.infos()])
-        raise AssertionError("unreachable: the scope re-raises or aborts")
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
         async with self._scope("GetModel", context, request.name):
             return pb.GetModelResponse(model=model_message(self.registry.info(request.name)))
-        raise AssertionError("unreachable: the scope re-raises or aborts")
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
         async with self._scope("LoadModel", context, request.name):
             return pb.LoadModelResponse(model=model_message(await self.registry.load(request.name)))
-        raise AssertionError("unreachable: the scope re-raises or aborts")
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadModelResponse:
         async with self._scope("UnloadModel", context, request.name):
             return pb.UnloadModelResponse(model=model_message(await self.registry.unload(request.name)))
-        raise AssertionError("unreachable: the scope re-raises or aborts")

@@ -65,7 +65,7 @@ class RpcScope:
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    ) -> None:
         self.metrics.in_flight.labels(self.method).dec()
         status: grpc.Status | None = None
         if isinstance(error, QAServeError):
@@ -89,7 +89,6 @@ class RpcScope:
             await self.context.abort(
                 status.code, status.details, (*status.trailing_metadata, (REQUEST_ID_KEY, self.request_id))
             )
-        return False
 
     def _log(self, duration: float) -> None:
         fields: dict[str, object] = {

@@ -31,17 +31,13 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
         self.stream_max_in_flight = stream_max_in_flight
 
     def _scope(self, method: str, context: grpc.aio.ServicerContext, model: str) -> RpcScope:
-        name = model or self.engine.registry.default
-        # Only configured names become label values: clients must not grow the metric's cardinality.
-        label = name if name in self.engine.registry.specs else "unknown"
-        return RpcScope(self.metrics, method, context, label)
+        return RpcScope(self.metrics, method, context, self.engine.registry.label(model))
 
     async def Answer(self, request: pb.AnswerRequest, context: grpc.aio.ServicerContext) -> pb.AnswerResponse:
         async with self._scope("Answer", context, request.model) as scope:
             result = await self.engine.answer(converters.qa_request(request), deadline=scope.deadline())
             scope.timing = result.timing
             return converters.answer_response(result)
-        raise AssertionError("unreachable: the scope re-raises or aborts")
 
     async def AnswerProgressive(
         self, request: pb.AnswerProgressiveRequest, context: grpc.aio.ServicerContext

@@ -54,10 +54,6 @@ class QARequest:
             raise InvalidArgument("max_question_len", f"must be at least 1, got {p.max_question_len}")
         if p.doc_stride is not None and p.doc_stride < 0:
             raise InvalidArgument("doc_stride", f"must not be negative, got {p.doc_stride}")
-        if p.max_seq_len is not None and p.doc_stride is not None and p.doc_stride > p.max_seq_len:
-            raise InvalidArgument(
-                "doc_stride", f"({p.doc_stride}) must not be larger than max_seq_len ({p.max_seq_len})"
-            )
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,18 +41,11 @@ def resolve_params(params: QAParams, model_max_len: int) -> QAParams:
             "max_seq_len",
             f"must be between {MIN_MAX_SEQ_LEN} and {model_max_len} for this model, got {max_seq_len}",
         )
-    doc_stride = params.doc_stride
-    if doc_stride is not None and doc_stride > max_seq_len:
-        raise InvalidArgument("doc_stride", f"({doc_stride}) must not be larger than max_seq_len ({max_seq_len})")
-    return QAParams(
-        top_k=params.top_k,
-        max_answer_len=params.max_answer_len,
-        max_seq_len=max_seq_len,
-        doc_stride=doc_stride,
-        max_question_len=params.max_question_len,
-        handle_impossible_answer=params.handle_impossible_answer,
-        align_to_words=params.align_to_words,
-    )
+    if params.doc_stride is not None and params.doc_stride > max_seq_len:
+        raise InvalidArgument(
+            "doc_stride", f"({params.doc_stride}) must not be larger than max_seq_len ({max_seq_len})"
+        )
+    return dataclasses.replace(params, max_seq_len=max_seq_len)
 
 
 def split_into_windows(tokenizer: Any, question: str, context: str, params: QAParams) -> Windows:

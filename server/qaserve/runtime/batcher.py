@@ -79,9 +79,12 @@ class Work(Generic[Out]):
 
 @dataclass(eq=False)
 class Job:
+    """One queued window: its request, its place in the request, its length, and the forward input."""
+
     work: Work[Any]
     index: int
     length: int
+    window: Any
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,6 @@ class Batcher(Generic[In, Out]):
         self._replicas = list(replicas)
         self._metrics = metrics
         self._pending: dict[int, Job] = {}
-        self._inputs: dict[int, In] = {}
         self._keys = itertools.count()
         self._incoming = 0
         self._wakeup: asyncio.Event | None = None
@@ -179,8 +181,7 @@ class Batcher(Generic[In, Out]):
         )
         for index, (window, length) in enumerate(zip(windows, lengths, strict=True)):
             key = next(self._keys)
-            self._pending[key] = Job(work, index, length)
-            self._inputs[key] = window
+            self._pending[key] = Job(work, index, length, window)
             work.keys.add(key)
         self._update_depth()
         self._wake()
@@ -203,7 +204,7 @@ class Batcher(Generic[In, Out]):
             batch = self._take_batch(loop.time())
             if not batch:
                 continue
-            inputs = [self._inputs.pop(key) for key, _ in batch]
+            inputs = [job.window for _, job in batch]
             started = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(replica.executor, replica.forward, inputs)
@@ -306,7 +307,6 @@ class Batcher(Generic[In, Out]):
         """Removes a request's queued windows (cancelled, failed, expired or done)."""
         for key in work.keys:
             self._pending.pop(key, None)
-            self._inputs.pop(key, None)
         work.keys.clear()
         self._update_depth()
 

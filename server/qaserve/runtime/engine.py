@@ -162,9 +162,7 @@ class QAEngine:
                 if len(scored) == len(windows):
                     continue  # the final result follows and covers every window
                 new = sorted(set(scored) - set(candidates))
-                start = torch.nn.utils.rnn.pad_sequence([scored[i].start for i in new], batch_first=True)
-                end = torch.nn.utils.rnn.pad_sequence([scored[i].end for i in new], batch_first=True)
-                fresh = await self._run(score_windows, windows, new, start, end, params)
+                fresh = await self._run(_score, windows, new, [scored[i] for i in new], params)
                 candidates.update(zip(new, fresh, strict=True))
                 answers = merge_candidates(request.context, [candidates[i] for i in sorted(candidates)], params)
                 yield QAProgress(tuple(answers), len(candidates), len(windows))
@@ -180,8 +178,18 @@ class QAEngine:
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
 
-def _decode(context: str, windows: Windows, outputs: list[WindowLogits], params: QAParams) -> list[Answer]:
-    """Stacks per-window logits (right-padded) and decodes them."""
+def _stack(outputs: list[WindowLogits]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-window logits as [windows, longest] start and end tensors, right-padded."""
     start = torch.nn.utils.rnn.pad_sequence([o.start for o in outputs], batch_first=True)
     end = torch.nn.utils.rnn.pad_sequence([o.end for o in outputs], batch_first=True)
-    return decode_answers(context, windows, start, end, params)
+    return start, end
+
+
+def _decode(context: str, windows: Windows, outputs: list[WindowLogits], params: QAParams) -> list[Answer]:
+    return decode_answers(context, windows, *_stack(outputs), params)
+
+
+def _score(
+    windows: Windows, indices: list[int], outputs: list[WindowLogits], params: QAParams
+) -> list[WindowCandidates]:
+    return score_windows(windows, indices, *_stack(outputs), params)

@@ -113,6 +113,11 @@ class ModelRegistry:
         """The configured spec for `name` ("" = default); ModelNotFound otherwise."""
         return self._entry(name).spec
 
+    def label(self, name: str) -> str:
+        """The metric label for a requested name: configured names only, so clients cannot grow cardinality."""
+        name = name or self.default
+        return name if name in self.specs else "unknown"
+
     def loaded(self, name: str) -> ServingModel | None:
         return self._entry(name).serving
 
@@ -165,11 +170,13 @@ class ModelRegistry:
         entry.last_used = time.time()
         if entry.serving is not None:
             self._lru.move_to_end(entry.spec.name)
-            self._count("hit", entry.spec.name)
+            if self._metrics:
+                self._metrics.model_cache_hits.labels(entry.spec.name).inc()
             return entry.serving
         if entry.state is ModelState.FAILED:
             raise ModelFailed(f"model {entry.spec.name!r} failed to load: {entry.error}")
-        self._count("miss", entry.spec.name)
+        if self._metrics:
+            self._metrics.model_cache_misses.labels(entry.spec.name).inc()
         return await self._load(entry)
 
     # -- ModelService -------------------------------------------------------------------------------------------
@@ -237,7 +244,6 @@ class ModelRegistry:
             await self._make_room(entry, devices, entry.reserved)
             log.info("loading model %s", spec.name)
             model = await asyncio.to_thread(self._loader, spec)
-            entry.reserved = 0
             limits = self._limits
             if not limits.max_tokens:
                 limits = dataclasses.replace(limits, max_tokens=default_batch_tokens(model.replicas[0].device))
@@ -250,30 +256,25 @@ class ModelRegistry:
             self._set_state(entry, ModelState.READY)
             if self._metrics:
                 self._metrics.model_load_duration.labels(spec.name).observe(time.perf_counter() - started)
+            entry.reserved = 0
             self._update_usage()
-            if self._over_budget(model.devices):  # the estimate was short: make room now, or give up
-                try:
-                    await self._make_room(entry, model.devices, 0)
-                except ModelTooLarge:
-                    await self._evict(entry, reason="too large", drain=0.0)
-                    raise
+            try:  # measured bytes can exceed the estimate: make room for what it really takes, or give up
+                await self._make_room(entry, model.devices, model.nbytes)
+            except ModelTooLarge:
+                await self._evict(entry, reason="too large", drain=0.0)
+                raise
             return serving
-        except ModelTooLarge:
-            entry.reserved = 0
-            self._set_state(entry, ModelState.UNLOADED)
-            raise
-        except asyncio.CancelledError:
-            entry.reserved = 0
+        except (ModelTooLarge, asyncio.CancelledError):
             self._set_state(entry, ModelState.UNLOADED)
             raise
         except Exception as exc:
-            entry.reserved = 0
             entry.error = _describe(exc, spec)
             log.exception("model %s failed to load", spec.name)
             self._set_state(entry, ModelState.FAILED)
             raise ModelFailed(f"model {spec.name!r} failed to load: {entry.error}") from exc
         finally:
             entry.loading = None
+            entry.reserved = 0
 
     async def _make_room(self, entry: _Entry, devices: Sequence[str], need: int) -> None:
         """Evicts least-recently-used unpinned models until `entry` fits the count and byte budgets."""
@@ -328,18 +329,10 @@ class ModelRegistry:
             total += e.reserved if e.loading is not None else 0
         return total
 
-    def _over_budget(self, devices: Sequence[str]) -> bool:
-        return bool(self.max_bytes_per_device) and any(self._used(d) > self.max_bytes_per_device for d in devices)
-
     def _set_state(self, entry: _Entry, state: ModelState) -> None:
         entry.state = state
         if self._on_state is not None:
             self._on_state(entry.spec.name, state)
-
-    def _count(self, kind: str, name: str) -> None:
-        if self._metrics:
-            counter = self._metrics.model_cache_hits if kind == "hit" else self._metrics.model_cache_misses
-            counter.labels(name).inc()
 
     def _update_usage(self) -> None:
         if not self._metrics:
