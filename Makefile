@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): constraints.txt requirements-dev.txt client/pyproject.toml server/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt \
-		-e ./client -e ./server -r requirements-dev.txt
+		-e ./client -e './server[torch]' -r requirements-dev.txt
 	touch $(STAMP)
 
 # The Node.js client's packages (tests/polyglot), exactly as locked. `make test` installs them where npm exists;

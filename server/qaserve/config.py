@@ -11,33 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qaserve.runtime.spec import ModelsConfig, ModelSpec
+
 # The embedded default model ships in the repository (and the image) next to the server package.
 EMBEDDED_MODEL = Path(__file__).resolve().parents[2] / "models" / "minilm-l6-squadshifts"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A configured model: where its weights come from and how to run them."""
-
-    name: str
-    source: str  # a local directory, or a hub id where the network allows
-    revision: str | None = None  # hub revision (branch, tag or commit); ignored for directories
-    device: str = "auto"
-    dtype: str = "auto"
-    replicas_per_device: int = 1
-    pinned: bool = False  # never evicted nor unloaded
-    preload: bool = False  # loaded at start, before the server reports SERVING
-    warmup: bool = True  # one forward pass per replica at load, so the first request is not the slow one
-
-
-@dataclass(frozen=True)
-class ModelsConfig:
-    """The models a server may serve, and how many of them fit in memory at once."""
-
-    models: tuple[ModelSpec, ...]
-    default: str
-    max_models: int = 4
-    max_bytes_per_device: int = 0  # 0 = no byte budget
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from qaserve.config import EMBEDDED_MODEL, ModelSpec
+from qaserve.config import EMBEDDED_MODEL
 from qaserve.errors import InvalidArgument, ModelNotFound
 from qaserve.metrics import Metrics
 from qaserve.qa import QAParams, QARequest
 from qaserve.runtime import BatchLimits, ModelRegistry, QAEngine
+from qaserve.runtime.spec import ModelSpec
 
 from qaserve_testing import SEED_CONTEXT, SEED_QUESTION
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from qaserve.config import ModelSpec
 from qaserve.errors import ModelFailed, ModelNotFound, ModelPinned, ModelTooLarge
 from qaserve.metrics import Metrics
 from qaserve.runtime import BatchLimits, ModelRegistry, ModelState
+from qaserve.runtime.spec import ModelSpec
 
 MB = 1_000_000
 

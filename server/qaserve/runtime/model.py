@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from qaserve.config import ModelSpec
 from qaserve.qa import QAParams, Windows, split_into_windows
 from qaserve.qa.windowing import resolve_params
 from qaserve.runtime.device import replica_devices, resolve_dtype
+from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from qaserve.config import ModelSpec
 from qaserve.errors import ModelFailed, ModelNotFound, ModelNotReady, ModelPinned, ModelTooLarge
 from qaserve.metrics import Metrics
 from qaserve.runtime.batcher import Batcher, BatchLimits
 from qaserve.runtime.device import default_batch_tokens, replica_devices
 from qaserve.runtime.model import QAModel, WindowInput, WindowLogits, estimate_bytes
+from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

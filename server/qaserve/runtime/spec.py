@@ -1,0 +1,32 @@
+"""What a configured model is: its name, source and how to run it (the runtime never reads settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A configured model: where its weights come from and how to run them."""
+
+    name: str
+    source: str  # a local directory, or a hub id where the network allows
+    revision: str | None = None  # hub revision (branch, tag or commit); ignored for directories
+    # auto: onnx where the directory holds model.onnx and the device is cpu, torch otherwise; or torch, onnx
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    replicas_per_device: int = 1
+    pinned: bool = False  # never evicted nor unloaded
+    preload: bool = False  # loaded at start, before the server reports SERVING
+    warmup: bool = True  # one forward pass per replica at load, so the first request is not the slow one
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """The models a server may serve, and how many of them fit in memory at once."""
+
+    models: tuple[ModelSpec, ...]
+    default: str
+    max_models: int = 4
+    max_bytes_per_device: int = 0  # 0 = no byte budget
