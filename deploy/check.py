@@ -28,7 +28,7 @@ from qaserve.config import Settings, load_models_config, parse_settings
 from qaserve.metrics import Metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kustomize_render import KustomizeError, configmap_hash, render  # noqa: E402
+from kustomize_render import KustomizeError, configmap_hash, render
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -305,7 +305,7 @@ def _settings_problems(
         source = Path(spec.source)
         in_image = source.parent == IMAGE_MODELS and (ROOT / "models" / source.name / "config.json").is_file()
         volume = _mounted_volume(spec.source, container, pod_spec)
-        if not in_image and (volume is None or "emptyDir" in volume and not pod_spec.get("initContainers")):
+        if not in_image and (volume is None or ("emptyDir" in volume and not pod_spec.get("initContainers"))):
             problems.append(f"ConfigMap {map_name}: model {spec.name!r}: {spec.source} is neither in the image nor "
                             "on a volume that brings it")  # fmt: skip
     return problems
