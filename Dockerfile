@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1
-# The qaserve image: `make docker` (CPU torch) or `make docker DEVICE=cuda` (CUDA torch; run with --gpus all).
-# A build stage installs the pinned dependencies into a virtual environment; the final stage holds that
-# environment, the embedded model and nothing to build with, and runs as an unprivileged user.
+# The qaserve image: `make docker` (CPU: ONNX Runtime, no torch) or `make docker DEVICE=cuda` (the server's [torch]
+# extra on CUDA torch; run with --gpus all). A build stage installs the pinned dependencies into a virtual
+# environment; the final stage holds that environment, the embedded model (with its int8 model.onnx) and nothing to
+# build with, and runs as an unprivileged user.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# cpu or cuda: picks the base stage below and the torch wheel.
+# cpu or cuda: picks the base stage below, and whether torch is installed at all.
 ARG DEVICE=cpu
 
 FROM ${PYTHON_IMAGE} AS base-cpu
@@ -31,12 +32,16 @@ WORKDIR /src
 COPY constraints.txt ./
 COPY client/ client/
 COPY server/ server/
-# torch alone from the PyTorch index (the CPU wheel is a fifth of the size of PyPI's CUDA one), then everything
-# else from PyPI at the versions constraints.txt pins; pip installs torch's own dependencies there too.
-RUN wheels="cpu"; if [ "${DEVICE}" = "cuda" ]; then wheels="${CUDA_WHEEL}"; fi \
-    && /opt/qaserve/venv/bin/pip install --no-deps --index-url "https://download.pytorch.org/whl/${wheels}" \
-        "torch==${TORCH_VERSION}" \
-    && /opt/qaserve/venv/bin/pip install --constraint constraints.txt ./client ./server \
+# CPU: the server without extras; the embedded model serves on ONNX Runtime (its model.onnx), so no torch.
+# CUDA: torch alone from the PyTorch index's CUDA wheels, then the server's [torch] extra; pip installs torch's
+# own dependencies (the CUDA runtime libraries) from PyPI. Everything else at the versions constraints.txt pins.
+RUN if [ "${DEVICE}" = "cuda" ]; then \
+        /opt/qaserve/venv/bin/pip install --no-deps --index-url "https://download.pytorch.org/whl/${CUDA_WHEEL}" \
+            "torch==${TORCH_VERSION}" \
+        && /opt/qaserve/venv/bin/pip install --constraint constraints.txt ./client "./server[torch]"; \
+    else \
+        /opt/qaserve/venv/bin/pip install --constraint constraints.txt ./client ./server; \
+    fi \
     && /opt/qaserve/venv/bin/pip uninstall --yes pip \
     && find /opt/qaserve/venv -name __pycache__ -type d -prune -exec rm -rf {} +
 
@@ -56,11 +61,12 @@ ENV PATH=/opt/qaserve/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/tmp/huggingface \
-    QASERVE_MODEL=/opt/qaserve/models/minilm-l6-squadshifts
+    QASERVE_MODEL=/opt/qaserve/models/minilm-l6-squadshifts \
+    QASERVE_METRICS_PORT=9464
 WORKDIR /tmp
 USER 10001:10001
-# gRPC, Prometheus /metrics.
-EXPOSE 50051 9090
+# gRPC, Prometheus /metrics (9464: 9090 is the Prometheus server's own).
+EXPOSE 50051 9464
 # For docker and compose; Kubernetes probes use gRPC health natively (deploy/k8s). Under TLS set QASERVE_CA_FILE
 # (and QASERVE_SERVER_NAME when the certificate does not name localhost) for this check.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \

@@ -53,15 +53,18 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The image (needs a Docker engine; CI lints the Dockerfile instead). DEVICE=cuda builds on CUDA torch;
-# CUDA_WHEEL picks the PyTorch wheel index (cu126, cu128, ...).
-IMAGE ?= qaserve:0.1.0
+# The image (needs a Docker engine; CI lints the Dockerfile instead). DEVICE=cpu (default): no torch, the onnx
+# backend serves the embedded model's model.onnx; tagged qaserve:0.1.0. DEVICE=cuda: the server's [torch] extra on
+# CUDA torch, CUDA_WHEEL picking the PyTorch wheel index (cu126, cu128, ...); tagged qaserve:0.1.0-cuda, the tag
+# deploy/k8s/components/gpu runs.
 DEVICE ?= cpu
 CUDA_WHEEL ?= cu128
+IMAGE ?= qaserve:0.1.0$(if $(filter cuda,$(DEVICE)),-cuda)
 docker:
 	docker build --build-arg DEVICE=$(DEVICE) --build-arg CUDA_WHEEL=$(CUDA_WHEEL) -t $(IMAGE) .
 
-# hadolint on the Dockerfile; deploy/k8s against the Kubernetes schemas (kubernetes-validate) and each other.
+# hadolint on the Dockerfile; every deploy/k8s target (base, base + each component, overlays) rendered and checked
+# against the Kubernetes schemas (kubernetes-validate) and each other.
 deploy-check: $(STAMP)
 	$(BIN)/python deploy/check.py
 

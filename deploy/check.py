@@ -1,11 +1,17 @@
-"""Checks the deployment files: hadolint on the Dockerfile, Kubernetes schemas and cross-references in deploy/k8s.
+"""Checks the deployment files: hadolint on the Dockerfile; every kustomize target in deploy/k8s, rendered.
 
-Run by `make deploy-check` (and so by CI) and by tests/deploy. Exits 1, listing every problem, when any is found.
+Targets: the base, the base with each component alone, and each overlay. Each is rendered (deploy/kustomize_render.py,
+the subset of kustomize deploy/k8s uses) and then validated: kubernetes-validate, strict, for the oldest and newest
+Kubernetes supported; the one CRD (ServiceMonitor) and prometheus-adapter's rules, which have no schema offline, by
+the structure and references checked here; and cross-checks no schema sees (selectors, ports, settings the server
+accepts, the models file, the shutdown timing, GPU pods on the CUDA image). Run by `make deploy-check` (and so by
+CI) and by tests/deploy. Exits 1, listing every problem, when any is found.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -13,27 +19,72 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import yaml
+from prometheus_client import CollectorRegistry
 
 from qaserve.config import Settings, load_models_config, parse_settings
+from qaserve.metrics import Metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kustomize_render import KustomizeError, configmap_hash, render
 
 ROOT = Path(__file__).resolve().parents[1]
-MANIFESTS = ROOT / "deploy" / "k8s"
+K8S = ROOT / "deploy" / "k8s"
+BASE = K8S / "base"
+COMPONENTS = K8S / "components"
+OVERLAYS = K8S / "overlays"
 DOCKERFILE = ROOT / "Dockerfile"
+ADAPTER_VALUES = COMPONENTS / "hpa-in-flight" / "prometheus-adapter-values.yaml"
 # The oldest Kubernetes the manifests support (the preStop/probe fields they use are older still) and the newest
 # the validator knows.
 K8S_VERSIONS = ("1.31.0", "1.37.0")
-# Kinds whose schema kubernetes-validate does not have: CRDs and kustomize's own file. Checked by hand instead.
+# The one custom resource: kubernetes-validate has no schema for it; _service_monitor_problems checks it.
 SERVICE_MONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
-KUSTOMIZATION = ("kustomize.config.k8s.io/v1beta1", "Kustomization")
+# Where the image holds the embedded models (Dockerfile: COPY models/ /opt/qaserve/models/).
+IMAGE_MODELS = Path("/opt/qaserve/models")
+# Settings naming files, which must be mounted into the pod.
+FILE_SETTINGS = ("QASERVE_TLS_CERT", "QASERVE_TLS_KEY", "QASERVE_TLS_CLIENT_CA", "QASERVE_AUTH_TOKENS_FILE")
+# prometheus-adapter's rule format (its docs/config.md); the adapter publishes no schema, so this one is ours.
+ADAPTER_RULE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["seriesQuery", "resources", "name", "metricsQuery"],
+    "additionalProperties": False,
+    "properties": {
+        "seriesQuery": {"type": "string", "minLength": 1},
+        "seriesFilters": {"type": "array"},
+        "resources": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "overrides": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": ["resource"],
+                        "additionalProperties": False,
+                        "properties": {"group": {"type": "string"}, "resource": {"type": "string"}},
+                    },
+                },
+                "template": {"type": "string"},
+            },
+        },
+        "name": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"matches": {"type": "string"}, "as": {"type": "string"}},
+        },
+        "metricsQuery": {"type": "string", "pattern": "<<\\.Series>>"},
+    },
+}
 
 
 class Manifest:
-    """One document of a YAML file."""
+    """One rendered resource, labelled with the target it came from."""
 
-    def __init__(self, path: Path, doc: dict[str, Any]) -> None:
-        self.path = path
+    def __init__(self, source: str, doc: dict[str, Any]) -> None:
+        self.source = source
         self.doc = doc
 
     @property
@@ -42,23 +93,30 @@ class Manifest:
 
     @property
     def name(self) -> str:
-        return f"{self.path.name}: {self.doc.get('kind')}/{self.doc.get('metadata', {}).get('name')}"
+        return f"{self.source}: {self.doc.get('kind')}/{self.doc.get('metadata', {}).get('name')}"
 
 
-def load(directory: Path = MANIFESTS) -> list[Manifest]:
-    manifests = []
-    for path in sorted(directory.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
-            if doc is not None:
-                manifests.append(Manifest(path, doc))
-    return manifests
+def targets() -> dict[str, tuple[Path, tuple[str, ...]]]:
+    """Every kustomize target: label -> (kustomization directory, extra components relative to it)."""
+    found: dict[str, tuple[Path, tuple[str, ...]]] = {"base": (BASE, ())}
+    for component in sorted(p for p in COMPONENTS.iterdir() if p.is_dir()):
+        found[f"base + components/{component.name}"] = (BASE, (f"../components/{component.name}",))
+    for overlay in sorted(p for p in OVERLAYS.iterdir() if p.is_dir()):
+        found[f"overlays/{overlay.name}"] = (overlay, ())
+    return found
+
+
+def load(label: str = "base") -> list[Manifest]:
+    """The rendered resources of one target."""
+    directory, components = targets()[label]
+    return [Manifest(label, doc) for doc in render(directory, components).resources]
 
 
 def schema_problems(manifests: list[Manifest], versions: tuple[str, ...] = K8S_VERSIONS) -> list[str]:
     """kubernetes-validate, strict (unknown fields are errors), for every core resource and version."""
     problems = []
     for manifest in manifests:
-        if manifest.kind in (SERVICE_MONITOR, KUSTOMIZATION):
+        if manifest.kind == SERVICE_MONITOR:
             continue
         for version in versions:
             try:
@@ -71,28 +129,32 @@ def schema_problems(manifests: list[Manifest], versions: tuple[str, ...] = K8S_V
     return problems
 
 
-def consistency_problems(manifests: list[Manifest], directory: Path = MANIFESTS) -> list[str]:
-    """What schemas cannot see: names and labels that must match, and the shutdown timing adding up."""
+def consistency_problems(manifests: list[Manifest]) -> list[str]:
+    """What schemas cannot see: names and labels that must match, settings, the models file, shutdown timing."""
+    label = manifests[0].source if manifests else "?"
     problems: list[str] = []
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for manifest in manifests:
         by_kind.setdefault(manifest.doc.get("kind", ""), []).append(manifest.doc)
     deployments = by_kind.get("Deployment", [])
     if len(deployments) != 1:
-        return [f"expected one Deployment, found {len(deployments)}"]
+        return [f"{label}: expected one Deployment, found {len(deployments)}"]
     deployment = deployments[0]
     pod = deployment["spec"]["template"]
     pod_labels: dict[str, str] = pod["metadata"].get("labels", {})
-    [container] = pod["spec"]["containers"]
+    container = next((c for c in pod["spec"]["containers"] if c["name"] == "qaserve"), None)
+    if container is None or len(pod["spec"]["containers"]) != 1:
+        return [f"{label}: Deployment: expected the one container qaserve"]
     port_names = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
 
     def selects_pods(selector: Mapping[str, str], what: str) -> None:
         if not selector or any(pod_labels.get(k) != v for k, v in selector.items()):
-            problems.append(f"{what}: selector {dict(selector)} does not match the pod labels {pod_labels}")
+            problems.append(f"{label}: {what}: selector {dict(selector)} does not match the pod labels {pod_labels}")
 
     selects_pods(deployment["spec"]["selector"]["matchLabels"], "Deployment")
     if pod["spec"].get("enableServiceLinks") is not False:
-        problems.append("Deployment: enableServiceLinks must be false (a Service named qaserve sets QASERVE_PORT)")
+        problems.append(f"{label}: Deployment: enableServiceLinks must be false (a Service named qaserve sets "
+                        "QASERVE_PORT)")  # fmt: skip
 
     services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
     for name, service in services.items():
@@ -100,26 +162,69 @@ def consistency_problems(manifests: list[Manifest], directory: Path = MANIFESTS)
         for port in service["spec"]["ports"]:
             target = port.get("targetPort")
             if isinstance(target, str) and target not in port_names:
-                problems.append(f"Service {name}: targetPort {target!r} is no container port")
+                problems.append(f"{label}: Service {name}: targetPort {target!r} is no container port")
     if not any(s["spec"].get("clusterIP") == "None" for s in services.values()):
-        problems.append("no headless Service (clusterIP: None) for client-side balancing")
+        problems.append(f"{label}: no headless Service (clusterIP: None) for client-side balancing")
 
-    for hpa in by_kind.get("HorizontalPodAutoscaler", []):
+    hpas = by_kind.get("HorizontalPodAutoscaler", [])
+    for hpa in hpas:
         ref = hpa["spec"]["scaleTargetRef"]
         if (ref["kind"], ref["name"]) != ("Deployment", deployment["metadata"]["name"]):
-            problems.append(f"HorizontalPodAutoscaler: scales {ref['kind']}/{ref['name']}, not the Deployment")
-    if "replicas" in deployment["spec"] and by_kind.get("HorizontalPodAutoscaler"):
-        problems.append("Deployment: replicas would reset the HorizontalPodAutoscaler's count on every apply")
+            problems.append(f"{label}: HorizontalPodAutoscaler: scales {ref['kind']}/{ref['name']}, not the Deployment")
+        problems += [f"{label}: {p}" for p in _custom_metric_problems(hpa)]
+    if "replicas" in deployment["spec"] and hpas:
+        problems.append(f"{label}: Deployment: replicas would reset the HorizontalPodAutoscaler's count on every apply")
     for pdb in by_kind.get("PodDisruptionBudget", []):
         selects_pods(pdb["spec"]["selector"]["matchLabels"], "PodDisruptionBudget")
-
     for monitor in by_kind.get("ServiceMonitor", []):
-        problems += _service_monitor_problems(monitor, services)
+        problems += [f"{label}: {p}" for p in _service_monitor_problems(monitor, services)]
 
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-    problems += _settings_problems(env, by_kind.get("ConfigMap", []), pod["spec"], container)
-    problems += _probe_and_timing_problems(pod["spec"], container, env, port_names)
-    problems += _kustomization_problems(manifests, directory)
+    problems += [f"{label}: {p}" for p in _settings_problems(env, by_kind.get("ConfigMap", []), pod, container)]
+    problems += [f"{label}: {p}" for p in _probe_and_timing_problems(pod["spec"], container, env, port_names)]
+    problems += [f"{label}: {p}" for p in _device_problems(pod["spec"], container, env, hpas)]
+    return problems
+
+
+def _custom_metric_problems(hpa: dict[str, Any]) -> list[str]:
+    """Every Pods metric the HPA asks for is one the prometheus-adapter rules publish."""
+    published = {rule["name"]["as"] for rule in _adapter_rules() if "as" in rule.get("name", {})}
+    return [
+        f"HorizontalPodAutoscaler: metric {name!r} is published by no rule in {ADAPTER_VALUES.name}"
+        for metric in hpa["spec"].get("metrics", [])
+        if metric["type"] == "Pods" and (name := metric["pods"]["metric"]["name"]) not in published
+    ]
+
+
+def _adapter_rules() -> list[dict[str, Any]]:
+    values = yaml.safe_load(ADAPTER_VALUES.read_text(encoding="utf-8"))
+    rules: list[dict[str, Any]] = values.get("rules", {}).get("custom", [])
+    return rules
+
+
+def adapter_problems() -> list[str]:
+    """prometheus-adapter's rules: their format (our schema, from the adapter's docs) and the series they read."""
+    where = ADAPTER_VALUES.relative_to(ROOT)
+    rules = _adapter_rules()
+    if not rules:
+        return [f"{where}: no rules.custom"]
+    exported = {family.name for family in Metrics(CollectorRegistry()).registry.collect()}
+    exported |= {f"{name}_total" for name in exported}
+    problems = []
+    for index, rule in enumerate(rules):
+        try:
+            jsonschema.validate(rule, ADAPTER_RULE_SCHEMA)
+        except jsonschema.ValidationError as error:
+            problems.append(f"{where}: rule {index}: {'/'.join(map(str, error.path))}: {error.message}")
+            continue
+        series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"])
+        if series is None or series.group(0) not in exported:
+            problems.append(f"{where}: rule {index}: {rule['seriesQuery']!r} reads no series qaserve exports")
+        overrides = rule["resources"].get("overrides", {})
+        if {o["resource"] for o in overrides.values()} < {"namespace", "pod"}:
+            problems.append(f"{where}: rule {index}: Pods metrics need the namespace and pod resources mapped")
+        if "<<.LabelMatchers>>" not in rule["metricsQuery"] or "<<.GroupBy>>" not in rule["metricsQuery"]:
+            problems.append(f"{where}: rule {index}: metricsQuery must select <<.LabelMatchers>> by <<.GroupBy>>")
     return problems
 
 
@@ -144,34 +249,65 @@ def _service_monitor_problems(monitor: dict[str, Any], services: dict[str, dict[
     return problems
 
 
+def _mounted_volume(path: str, container: dict[str, Any], pod_spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The volume whose mount holds path (the deepest mount), if any."""
+    mounts = sorted(container.get("volumeMounts", []), key=lambda m: len(m["mountPath"]), reverse=True)
+    mount = next((m for m in mounts if Path(path).is_relative_to(m["mountPath"])), None)
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    return volumes.get(mount["name"]) if mount else None
+
+
 def _settings_problems(
-    env: dict[str, str], config_maps: list[dict[str, Any]], pod_spec: dict[str, Any], container: dict[str, Any]
+    env: dict[str, str], config_maps: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any]
 ) -> list[str]:
-    """The QASERVE_* variables are settings the server accepts, and the models file parses."""
+    """The QASERVE_* variables are settings the server accepts, and the models file parses and is in the pod."""
+    pod_spec = pod["spec"]
     problems = []
     fields = {f"QASERVE_{name.upper()}" for name in Settings.__dataclass_fields__}
     for name in (e["name"] for e in container.get("env", [])):
         if name.startswith("QASERVE_") and name not in fields:
             problems.append(f"Deployment: {name} is no qaserve setting")
-    try:
-        parse_settings([], environ=env)
-    except SystemExit:
-        problems.append(f"Deployment: the server refuses these settings: {env}")
-    models_path = env.get("QASERVE_MODELS_CONFIG", "")
-    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
-    volume = volumes.get(mounts.get(str(Path(models_path).parent), ""), {})
-    map_name = volume.get("configMap", {}).get("name")
-    data = next((c.get("data", {}) for c in config_maps if c["metadata"]["name"] == map_name), None)
-    if data is None or Path(models_path).name not in data:
-        return [*problems, f"Deployment: QASERVE_MODELS_CONFIG={models_path} is not a mounted ConfigMap key"]
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "models.toml"
+        # Files from Secrets: mounted in the pod; stand-ins here, so the server's own checks run on the rest.
+        parsed_env = dict(env)
+        for name in FILE_SETTINGS:
+            if name not in env:
+                continue
+            volume = _mounted_volume(env[name], container, pod_spec)
+            secret = (volume or {}).get("secret")
+            if secret is None:
+                problems.append(f"Deployment: {name}={env[name]} is not in a mounted Secret")
+            elif secret.get("items") and Path(env[name]).name not in {i["path"] for i in secret["items"]}:
+                problems.append(f"Deployment: {name}={env[name]}: the Secret volume has no such item")
+            parsed_env[name] = str(Path(scratch) / name)
+            Path(parsed_env[name]).touch()
+        try:
+            settings = parse_settings([], environ=parsed_env)
+        except SystemExit:
+            return [*problems, f"Deployment: the server refuses these settings: {env}"]
+        models_path = env.get("QASERVE_MODELS_CONFIG", "")
+        volume = _mounted_volume(models_path, container, pod_spec) or {}
+        map_name = volume.get("configMap", {}).get("name")
+        config_map = next((c for c in config_maps if c["metadata"]["name"] == map_name), None)
+        data = (config_map or {}).get("data", {})
+        if not models_path or Path(models_path).name not in data:
+            return [*problems, f"Deployment: QASERVE_MODELS_CONFIG={models_path} is not a mounted ConfigMap key"]
+        base_name, _, suffix = str(map_name).rpartition("-")
+        if suffix != configmap_hash(base_name, data):
+            problems.append(f"ConfigMap {map_name}: not from a configMapGenerator, so a change would not roll pods")
+        path = Path(scratch) / Path(models_path).name
         path.write_text(data[path.name], encoding="utf-8")
         try:
-            load_models_config(path, Settings())
-        except ValueError as error:
-            problems.append(f"ConfigMap {map_name}: {error}")
+            models = load_models_config(path, settings)
+        except (ValueError, TypeError) as error:
+            return [*problems, f"ConfigMap {map_name}: {error}"]
+    for spec in models.models:
+        source = Path(spec.source)
+        in_image = source.parent == IMAGE_MODELS and (ROOT / "models" / source.name / "config.json").is_file()
+        volume = _mounted_volume(spec.source, container, pod_spec)
+        if not in_image and (volume is None or ("emptyDir" in volume and not pod_spec.get("initContainers"))):
+            problems.append(f"ConfigMap {map_name}: model {spec.name!r}: {spec.source} is neither in the image nor "
+                            "on a volume that brings it")  # fmt: skip
     return problems
 
 
@@ -187,6 +323,10 @@ def _probe_and_timing_problems(
         elif grpc_probe["port"] != health_port:
             problems.append(f"Deployment: {probe} checks port {grpc_probe['port']}, health is on {health_port}")
     settings = Settings()
+    metrics_port = int(env.get("QASERVE_METRICS_PORT", settings.metrics_port))
+    if port_names.get("metrics") != metrics_port:
+        problems.append(f"Deployment: container port metrics is {port_names.get('metrics')}, the server's "
+                        f"{metrics_port}")  # fmt: skip
     drain = float(env.get("QASERVE_DRAIN_SECONDS", settings.drain_seconds))
     grace = float(env.get("QASERVE_GRACE_SECONDS", settings.grace_seconds))
     command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
@@ -208,19 +348,40 @@ def _probe_and_timing_problems(
     return problems
 
 
-def _kustomization_problems(manifests: list[Manifest], directory: Path) -> list[str]:
-    kustomizations = [m for m in manifests if m.kind == KUSTOMIZATION]
-    if len(kustomizations) != 1:
-        return [f"expected one {KUSTOMIZATION[1]}, found {len(kustomizations)}"]
-    listed = set(kustomizations[0].doc.get("resources", []))
-    problems = [
-        f"kustomization.yaml: {name} does not exist" for name in sorted(listed) if not (directory / name).exists()
-    ]
-    for manifest in manifests:
-        needed = manifest.kind not in (KUSTOMIZATION, SERVICE_MONITOR)
-        if needed and manifest.path.name not in listed:
-            problems.append(f"kustomization.yaml: does not list {manifest.path.name}")
+def _device_problems(
+    pod_spec: dict[str, Any], container: dict[str, Any], env: dict[str, str], hpas: list[dict[str, Any]]
+) -> list[str]:
+    """GPU pods: the CUDA image, device cuda, GPU nodes, and scaling on something a GPU pod's CPU does not hide."""
+    gpus = container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+    cuda_image = str(container.get("image", "")).endswith("-cuda")
+    device = env.get("QASERVE_DEVICE", "auto")
+    if not gpus:
+        if cuda_image or device.startswith("cuda"):
+            return [f"Deployment: {container['image']} with device {device} but no nvidia.com/gpu limit"]
+        return []
+    problems = []
+    if not cuda_image:
+        problems.append(f"Deployment: GPU pods need the CUDA image (make docker DEVICE=cuda), not {container['image']}")
+    if not device.startswith("cuda"):
+        problems.append(f"Deployment: GPU pods with QASERVE_DEVICE={device}")
+    if not pod_spec.get("nodeSelector") or not any(
+        t.get("key") == "nvidia.com/gpu" for t in pod_spec.get("tolerations", [])
+    ):
+        problems.append("Deployment: GPU pods need a nodeSelector for GPU nodes and to tolerate nvidia.com/gpu")
+    for hpa in hpas:
+        if all(m["type"] == "Resource" for m in hpa["spec"].get("metrics", [])):
+            problems.append("HorizontalPodAutoscaler: GPU pods scaled on CPU or memory alone (add hpa-in-flight)")
     return problems
+
+
+def file_problems(rendered_files: set[Path]) -> list[str]:
+    """Every file under deploy/k8s is used by some target (or is the adapter's values, checked on its own)."""
+    unused = [
+        path
+        for path in sorted(K8S.rglob("*"))
+        if path.is_file() and path.resolve() not in rendered_files and path != ADAPTER_VALUES
+    ]
+    return [f"{path.relative_to(ROOT)}: used by no kustomization" for path in unused]
 
 
 def hadolint_problems(dockerfile: Path = DOCKERFILE) -> list[str]:
@@ -236,9 +397,19 @@ def hadolint_problems(dockerfile: Path = DOCKERFILE) -> list[str]:
 
 def all_problems() -> Iterator[str]:
     yield from hadolint_problems()
-    manifests = load()
-    yield from schema_problems(manifests)
-    yield from consistency_problems(manifests)
+    yield from adapter_problems()
+    used: set[Path] = set()
+    for label, (directory, components) in targets().items():
+        try:
+            rendered = render(directory, components)
+        except KustomizeError as error:
+            yield f"{label}: {error}"
+            continue
+        used |= rendered.files
+        manifests = [Manifest(label, doc) for doc in rendered.resources]
+        yield from schema_problems(manifests)
+        yield from consistency_problems(manifests)
+    yield from file_problems(used)
 
 
 def main() -> int:
@@ -248,7 +419,10 @@ def main() -> int:
         print(problem, file=sys.stderr)
     if problems:
         return 1
-    print(f"Dockerfile: hadolint clean; deploy/k8s: valid for Kubernetes {', '.join(K8S_VERSIONS)}, consistent")
+    print(
+        f"Dockerfile: hadolint clean; deploy/k8s: {len(targets())} targets rendered, valid for Kubernetes "
+        f"{', '.join(K8S_VERSIONS)}, consistent"
+    )
     return 0
 
 

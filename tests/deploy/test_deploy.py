@@ -1,10 +1,11 @@
-"""The Dockerfile and the Kubernetes manifests pass their validators (as `make deploy-check` runs them in CI)."""
+"""The Dockerfile and every kustomize target in deploy/k8s pass their validators (as `make deploy-check` runs them)."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
 import re
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -25,61 +26,152 @@ def _load_check() -> ModuleType:
 
 
 check = _load_check()
+render_module = sys.modules["kustomize_render"]
+TARGETS = sorted(check.targets())
 
 
 @pytest.fixture(scope="module")
-def manifests() -> list[Any]:
-    return check.load()
+def rendered() -> dict[str, list[Any]]:
+    return {label: check.load(label) for label in TARGETS}
+
+
+def _doc(manifests: list[Any], kind: str) -> Any:
+    return next(m.doc for m in manifests if m.doc["kind"] == kind)
+
+
+def _container(manifests: list[Any]) -> Any:
+    return _doc(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def _env(manifests: list[Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in _container(manifests)["env"]}
+
+
+def test_every_overlay_and_component_is_a_target() -> None:
+    components = {p.name for p in (ROOT / "deploy/k8s/components").iterdir()}
+    assert {f"base + components/{c}" for c in components} | {"base", "overlays/production", "overlays/gpu"} <= set(
+        TARGETS
+    )
 
 
 def test_dockerfile_passes_hadolint() -> None:
     assert check.hadolint_problems() == []
 
 
-def test_manifests_match_the_kubernetes_schemas(manifests: list[Any]) -> None:
-    assert check.schema_problems(manifests) == []
+@pytest.mark.parametrize("label", TARGETS)
+def test_target_matches_the_kubernetes_schemas(rendered: dict[str, list[Any]], label: str) -> None:
+    assert check.schema_problems(rendered[label]) == []
 
 
-def test_manifests_agree_with_each_other_and_the_server(manifests: list[Any]) -> None:
-    assert check.consistency_problems(manifests) == []
+@pytest.mark.parametrize("label", TARGETS)
+def test_target_agrees_with_itself_and_the_server(rendered: dict[str, list[Any]], label: str) -> None:
+    assert check.consistency_problems(rendered[label]) == []
 
 
-def test_the_service_monitor_is_the_one_crd(manifests: list[Any]) -> None:
-    # kubernetes-validate has no schema for it; consistency_problems checks its fields and targets.
-    kinds = {m.kind for m in manifests}
-    assert check.SERVICE_MONITOR in kinds
-    assert {kind for _, kind in kinds} >= {
-        "Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Kustomization"
-    }  # fmt: skip
+def test_adapter_rules_and_files_are_all_used_and_valid() -> None:
+    assert check.adapter_problems() == []
+    used: set[Path] = set()
+    for directory, components in check.targets().values():
+        used |= render_module.render(directory, components).files
+    assert check.file_problems(used) == []
 
 
-def _deployment(manifests: list[Any]) -> Any:
-    return next(m for m in manifests if m.doc["kind"] == "Deployment")
+def test_configmap_hash_is_kustomizes() -> None:
+    # The examples of the Kubernetes documentation ("Managing Kubernetes objects using Kustomize").
+    assert render_module.configmap_hash("example-configmap-1", {"application.properties": "FOO=Bar\n"}) == (
+        "8mbdf7882g"
+    )
+    assert render_module.configmap_hash("example-configmap-2", {"FOO": "Bar"}) == "g2hdhfc6tk"
 
 
-def test_schema_check_rejects_an_unknown_field(manifests: list[Any]) -> None:
-    broken = copy.deepcopy(manifests)
-    container = _deployment(broken).doc["spec"]["template"]["spec"]["containers"][0]
+def test_editing_the_models_file_rolls_the_pods(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "deploy/k8s", tmp_path / "k8s")
+    before = render_module.render(tmp_path / "k8s/base").resources
+    models = tmp_path / "k8s/base/models.toml"
+    models.write_text(models.read_text() + "\n# edited\n")
+    after = render_module.render(tmp_path / "k8s/base").resources
+
+    def volume(resources: list[Any]) -> str:
+        deployment = next(r for r in resources if r["kind"] == "Deployment")
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        return str(next(v for v in volumes if v["name"] == "models-config")["configMap"]["name"])
+
+    assert volume(before).startswith("qaserve-models-") and volume(after).startswith("qaserve-models-")
+    assert volume(before) != volume(after)
+    assert volume(after) == next(r for r in after if r["kind"] == "ConfigMap")["metadata"]["name"]
+
+
+def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "deploy/k8s", tmp_path / "k8s")
+    kustomization = tmp_path / "k8s/base/kustomization.yaml"
+    kustomization.write_text(kustomization.read_text() + "namePrefix: staging-\n")
+    with pytest.raises(render_module.KustomizeError, match="namePrefix"):
+        render_module.render(tmp_path / "k8s/base")
+
+
+def test_renderer_refuses_a_patch_without_a_target(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "deploy/k8s", tmp_path / "k8s")
+    patch = tmp_path / "k8s/components/tls/patch.yaml"
+    patch.write_text(patch.read_text().replace("name: qaserve\n", "name: qaserv\n", 1))
+    with pytest.raises(render_module.KustomizeError, match="Deployment/qaserv not found"):
+        render_module.render(tmp_path / "k8s/base", ["../components/tls"])
+
+
+def test_components_change_what_they_say(rendered: dict[str, list[Any]]) -> None:
+    base = rendered["base"]
+    assert _env(base)["QASERVE_DEVICE"] == "cpu" and _container(base)["image"] == "qaserve:0.1.0"
+
+    tls = rendered["base + components/tls"]
+    assert _env(tls)["QASERVE_TLS_CERT"] == "/etc/qaserve/tls/tls.crt"
+    volumes = _doc(tls, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "tls", "secret": {"secretName": "qaserve-tls", "defaultMode": 0o440}} in volumes
+
+    auth = rendered["base + components/auth"]
+    assert _env(auth)["QASERVE_AUTH_TOKENS_FILE"] == "/etc/qaserve/auth/tokens"
+
+    gpu = rendered["base + components/gpu"]
+    pod = _doc(gpu, "Deployment")["spec"]["template"]["spec"]
+    assert _container(gpu)["image"] == "qaserve:0.1.0-cuda"
+    assert _container(gpu)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert _env(gpu)["QASERVE_DEVICE"] == "cuda" and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert 'backend = "torch"' in _doc(gpu, "ConfigMap")["data"]["models.toml"]
+    assert {m["type"] for m in _doc(gpu, "HorizontalPodAutoscaler")["spec"]["metrics"]} == {"Pods"}
+
+    in_flight = rendered["base + components/hpa-in-flight"]
+    names = {m["pods"]["metric"]["name"] for m in _doc(in_flight, "HorizontalPodAutoscaler")["spec"]["metrics"]}
+    assert names == {"qaserve_requests_in_flight", "qaserve_queue_depth_windows"}
+
+    own = rendered["base + components/model-from-image"]
+    pod = _doc(own, "Deployment")["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["volumeMounts"] == [{"name": "models", "mountPath": "/target"}]
+    assert 'source = "/models/my-model"' in _doc(own, "ConfigMap")["data"]["models.toml"]
+    assert _doc(rendered["base + components/model-pvc"], "PersistentVolumeClaim")["spec"]["accessModes"] == [
+        "ReadOnlyMany"
+    ]
+
+
+def test_schema_check_rejects_an_unknown_field(rendered: dict[str, list[Any]]) -> None:
+    broken = copy.deepcopy(rendered["base"])
+    container = _container(broken)
     container["readinesProbe"] = container.pop("readinessProbe")
     assert any("readinesProbe" in p for p in check.schema_problems(broken, ("1.31.0",)))
 
 
-def test_consistency_check_rejects_a_shutdown_that_outlasts_the_grace_period(manifests: list[Any]) -> None:
-    broken = copy.deepcopy(manifests)
-    _deployment(broken).doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 20
+def test_consistency_check_rejects_a_shutdown_that_outlasts_the_grace_period(rendered: dict[str, list[Any]]) -> None:
+    broken = copy.deepcopy(rendered["base"])
+    _doc(broken, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 20
     assert any("terminationGracePeriodSeconds" in p for p in check.consistency_problems(broken))
 
 
-def test_consistency_check_rejects_a_service_monitor_without_a_port(manifests: list[Any]) -> None:
-    broken = copy.deepcopy(manifests)
-    monitor = next(m for m in broken if m.kind == check.SERVICE_MONITOR)
-    monitor.doc["spec"]["endpoints"][0]["port"] = "web"
+def test_consistency_check_rejects_a_service_monitor_without_a_port(rendered: dict[str, list[Any]]) -> None:
+    broken = copy.deepcopy(rendered["overlays/production"])
+    _doc(broken, "ServiceMonitor")["spec"]["endpoints"][0]["port"] = "web"
     assert any("ServiceMonitor" in p for p in check.consistency_problems(broken))
 
 
-def test_consistency_check_rejects_unknown_settings(manifests: list[Any]) -> None:
-    broken = copy.deepcopy(manifests)
-    env = _deployment(broken).doc["spec"]["template"]["spec"]["containers"][0]["env"]
+def test_consistency_check_rejects_unknown_settings(rendered: dict[str, list[Any]]) -> None:
+    broken = copy.deepcopy(rendered["base"])
+    env = _container(broken)["env"]
     env.append({"name": "QASERVE_DRAIN_SECONDS_TYPO", "value": "1"})
     env.append({"name": "QASERVE_LOG_FORMAT", "value": "xml"})
     problems = check.consistency_problems(broken)
@@ -87,11 +179,51 @@ def test_consistency_check_rejects_unknown_settings(manifests: list[Any]) -> Non
     assert any("refuses these settings" in p for p in problems)
 
 
+def test_consistency_check_rejects_a_tls_file_outside_the_secret(rendered: dict[str, list[Any]]) -> None:
+    broken = copy.deepcopy(rendered["base + components/tls"])
+    for env in _container(broken)["env"]:
+        if env["name"] == "QASERVE_TLS_KEY":
+            env["value"] = "/etc/qaserve/key.pem"
+    assert any("QASERVE_TLS_KEY" in p and "Secret" in p for p in check.consistency_problems(broken))
+
+
+def test_consistency_check_rejects_a_models_file_that_does_not_roll_pods(rendered: dict[str, list[Any]]) -> None:
+    broken = copy.deepcopy(rendered["base"])
+    _doc(broken, "ConfigMap")["metadata"]["name"] = "qaserve-models"
+    pod = _doc(broken, "Deployment")["spec"]["template"]["spec"]
+    next(v for v in pod["volumes"] if v["name"] == "models-config")["configMap"]["name"] = "qaserve-models"
+    assert any("would not roll pods" in p for p in check.consistency_problems(broken))
+
+
+def test_consistency_check_rejects_a_model_the_pod_does_not_hold(rendered: dict[str, list[Any]]) -> None:
+    broken = copy.deepcopy(rendered["base + components/model-pvc"])
+    pod = _doc(broken, "Deployment")["spec"]["template"]["spec"]
+    _container(broken)["volumeMounts"] = [m for m in _container(broken)["volumeMounts"] if m["name"] != "models"]
+    pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "models"]
+    assert any("'my-model'" in p and "neither in the image" in p for p in check.consistency_problems(broken))
+
+
+def test_consistency_check_rejects_gpu_pods_on_the_cpu_image(rendered: dict[str, list[Any]]) -> None:
+    broken = copy.deepcopy(rendered["overlays/gpu"])
+    _container(broken)["image"] = "qaserve:0.1.0"
+    assert any("CUDA image" in p for p in check.consistency_problems(broken))
+
+
+def test_adapter_check_rejects_a_rule_over_a_series_the_server_does_not_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(check.ADAPTER_VALUES.read_text().replace("qaserve_queue_depth_windows{", "qaserve_queue_len{"))
+    monkeypatch.setattr(check, "ADAPTER_VALUES", values)
+    monkeypatch.setattr(check, "ROOT", tmp_path)
+    assert any("reads no series qaserve exports" in p for p in check.adapter_problems())
+
+
 def test_dockerfile_final_stage_is_unprivileged_and_self_contained() -> None:
     text = (ROOT / "Dockerfile").read_text()
     final = text[text.rindex("\nFROM ") :]
     assert re.search(r"^USER 10001:10001$", final, re.MULTILINE)
-    assert re.search(r"^EXPOSE 50051 9090$", final, re.MULTILINE)
+    assert re.search(r"^EXPOSE 50051 9464$", final, re.MULTILINE)
     assert re.search(r'^\s+CMD \["qaserve-client", .*"health"\]$', final, re.MULTILINE)
     assert not re.search(r"apt-get|pip install|gcc|build-essential", final)
     model = re.search(r"QASERVE_MODEL=/opt/qaserve/(\S+)", final)
@@ -99,3 +231,12 @@ def test_dockerfile_final_stage_is_unprivileged_and_self_contained() -> None:
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.MULTILINE):
         assert f"!{source.rstrip('/')}/" in ignored or f"!{source}" in ignored, source
+
+
+def test_dockerfile_installs_torch_only_for_cuda() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    install = re.search(r'RUN if \[ "\$\{DEVICE\}" = "cuda" \]; then(.*?)else(.*?)fi', text, re.DOTALL)
+    assert install is not None
+    cuda, cpu = install.groups()
+    assert "torch==" in cuda and '"./server[torch]"' in cuda
+    assert "torch" not in cpu and re.search(r"\./client \./server;", cpu)

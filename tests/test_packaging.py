@@ -1,0 +1,93 @@
+"""The CI wheel check (part of `make test`): both wheels build, and the client wheel, installed alone into a fresh
+virtual environment, brings no torch and answers the seed question from a real `qaserve serve` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+QUESTION = "What is the capital of France?"
+CONTEXT = "France is a country in Western Europe. Its capital is Paris."
+
+
+def _run(*args: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("wheels")
+    built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", out,
+                 ROOT / "client", ROOT / "server")  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    found = {path.name.split("-")[0]: path for path in out.glob("*.whl")}
+    assert set(found) == {"qaserve_client", "qaserve"}, found
+    return found
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`qaserve serve` on a free loopback port, serving the embedded model."""
+    process = subprocess.Popen(
+        [BIN / "qaserve", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "QASERVE_LOG_FORMAT": "text"},
+    )
+    assert process.stderr is not None
+    target = None
+    for line in process.stderr:
+        if match := re.search(r"gRPC on (\S+):(\d+) ", line):
+            target = f"{match.group(1)}:{match.group(2)}"
+            break
+    assert target is not None, "qaserve serve exited before it listened"
+    try:
+        yield target, process
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)
+
+
+def test_both_wheels_carry_the_licence(wheels: dict[str, Path]) -> None:
+    for wheel in wheels.values():
+        with zipfile.ZipFile(wheel) as archive:
+            metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+            assert "License-Expression: Apache-2.0" in archive.read(metadata).decode()
+            licence = next(n for n in archive.namelist() if n.endswith("/licenses/LICENSE"))
+            assert archive.read(licence) == (ROOT / "LICENSE").read_bytes()
+
+
+def test_client_wheel_alone_answers_without_torch(
+    wheels: dict[str, Path], server: tuple[str, subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    venv = tmp_path / "venv"
+    assert _run(sys.executable, "-m", "venv", venv).returncode == 0
+    installed = _run(venv / "bin" / "pip", "install", "--quiet", "-c", ROOT / "constraints.txt",
+                     wheels["qaserve_client"])  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    for module in ("torch", "qaserve", "transformers"):
+        probe = _run(venv / "bin" / "python", "-c", f"import {module}")
+        assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, module
+
+    client = venv / "bin" / "qaserve-client"
+    server_target, process = server
+    # The server reports SERVING once its model is loaded; health exits 0 only then.
+    while _run(client, "--target", server_target, "--timeout", "5", "health").returncode != 0:
+        assert process.poll() is None, "qaserve serve exited while loading its model"
+        time.sleep(0.5)
+    asked = _run(client, "--target", server_target, "ask", "--question", QUESTION, "--context", CONTEXT, "--json")
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)["answers"][0]
+    assert answer["answer"] == "Paris"
+    assert CONTEXT[answer["start"] : answer["end"]] == "Paris"
