@@ -91,7 +91,7 @@ def test_dockerfile_final_stage_is_unprivileged_and_self_contained() -> None:
     text = (ROOT / "Dockerfile").read_text()
     final = text[text.rindex("\nFROM ") :]
     assert re.search(r"^USER 10001:10001$", final, re.MULTILINE)
-    assert re.search(r"^EXPOSE 50051 9090$", final, re.MULTILINE)
+    assert re.search(r"^EXPOSE 50051 9464$", final, re.MULTILINE)
     assert re.search(r'^\s+CMD \["qaserve-client", .*"health"\]$', final, re.MULTILINE)
     assert not re.search(r"apt-get|pip install|gcc|build-essential", final)
     model = re.search(r"QASERVE_MODEL=/opt/qaserve/(\S+)", final)
