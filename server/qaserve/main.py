@@ -274,7 +274,7 @@ async def serve(settings: Settings) -> int:
         "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext",
         ", bearer tokens" if settings.auth_tokens or settings.auth_tokens_file else "",
         settings.health_port or "off",
-        f"on [{http_address(settings.metrics_host or settings.host)}]:{settings.metrics_port}/metrics"
+        f"on {_host_port(http_address(settings.metrics_host or settings.host), settings.metrics_port)}/metrics"
         if settings.metrics_port
         else "off",
     )
@@ -307,6 +307,10 @@ async def serve(settings: Settings) -> int:
     await _flush(tracing)
     log.info("stopped")
     return 0
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _flush(tracing: Tracing | None) -> None:
