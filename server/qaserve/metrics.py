@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import platform
 
@@ -230,6 +231,12 @@ class Metrics:
         """Marks `state` (one of MODEL_STATES) as the model's current one."""
         for name in MODEL_STATES:
             self.model_state.labels(model, name).set(1 if name == state else 0)
+
+    def forget_model(self, model: str) -> None:
+        """Drops a model's qaserve_model_state series (a model removed from the configuration)."""
+        for name in MODEL_STATES:
+            with contextlib.suppress(KeyError):
+                self.model_state.remove(model, name)
 
     @staticmethod
     def _register_runtime_collectors(registry: CollectorRegistry) -> None:

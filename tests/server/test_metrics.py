@@ -243,3 +243,18 @@ async def test_model_state_gauge_follows_load_and_unload(tiny_model_dir: Path, t
     finally:
         release.set()
         await registry.close()
+
+
+def test_a_removed_model_leaves_no_state_series() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.set_model_state("gone", "ready")
+    metrics.set_model_state("kept", "loading")
+
+    metrics.forget_model("gone")
+    metrics.forget_model("never-configured")
+
+    assert all(
+        metrics.registry.get_sample_value("qaserve_model_state", {"model": "gone", "state": s}) is None
+        for s in MODEL_STATES
+    )
+    assert states(metrics, "kept") == one_hot("loading")
