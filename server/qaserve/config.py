@@ -27,7 +27,9 @@ class Settings:
     revision: str = ""
     host: str = "[::]"
     port: int = 50051
-    metrics_port: int = 9090
+    metrics_port: int = 9464  # OpenTelemetry's Prometheus exporter port; 9090 is the Prometheus server's own
+    metrics_host: str = ""  # "" = --host
+    otlp_endpoint: str = ""  # "" = as OTEL_EXPORTER_OTLP_ENDPOINT says (tracing off when nothing turns it on)
     device: str = "auto"
     dtype: str = "auto"
     max_models: int = 4
@@ -89,6 +91,9 @@ HELP = {
     "host": "address to bind the gRPC server to",
     "port": "gRPC port (0 picks a free one)",
     "metrics_port": "Prometheus /metrics HTTP port (0 disables it)",
+    "metrics_host": "address the /metrics listener binds to, IPv6 included ([::], ::1); default: --host",
+    "otlp_endpoint": "OTLP/gRPC collector for traces, e.g. http://otel-collector:4317 (turns tracing on; "
+    "OTEL_* variables configure the rest)",
     "device": "auto|cpu|cuda|cuda:N|mps; auto picks cuda, then mps, then cpu; cuda uses every visible GPU",
     "dtype": "auto|float32|float16|bfloat16; auto is float16 on GPU, float32 on CPU",
     "max_context_chars": "longest context accepted, in characters",

@@ -21,8 +21,9 @@ from qaserve.api.auth import BearerTokenInterceptor, BearerTokens, ServerTLS
 from qaserve.api.wire import MalformedRequestInterceptor
 from qaserve.config import Settings, models_config, parse_settings
 from qaserve.logs import configure_logging
-from qaserve.metrics import Metrics
+from qaserve.metrics import Metrics, http_address
 from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine
+from qaserve.tracing import Tracing, tracing_from_environment
 from qaserve_client.v1 import model_service_pb2, model_service_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
@@ -138,7 +139,8 @@ class QAServer:
         if self.health_server is not None:
             await self.health_server.start()
         if self.settings.metrics_port:
-            http_server, _ = start_http_server(self.settings.metrics_port, registry=self.metrics.registry)
+            address = http_address(self.settings.metrics_host or self.settings.host)
+            http_server, _ = start_http_server(self.settings.metrics_port, address, self.metrics.registry)
             self._metrics_http = http_server
             self.metrics_port = http_server.server_port
         await self.engine.registry.preload()
@@ -178,8 +180,11 @@ class QAServer:
             await self.health.set(service, status)
 
 
-def create_server(settings: Settings, registry: CollectorRegistry | None = None) -> tuple[QAServer, int]:
-    """Builds the server and binds its port (0 picks a free one); `await server.start()` serves."""
+def create_server(
+    settings: Settings, registry: CollectorRegistry | None = None, tracing: Tracing | None = None
+) -> tuple[QAServer, int]:
+    """Builds the server and binds its port (0 picks a free one); `await server.start()` serves. Traces go to
+    `tracing`'s provider (None: not traced)."""
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     config = models_config(settings)
     limits = BatchLimits(
@@ -204,10 +209,13 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
         metrics=metrics,
         max_in_flight=settings.max_in_flight,
         max_context_chars=settings.max_context_chars,
+        record_stages=None if tracing is None else tracing.record_stages,
     )
     tokens = BearerTokens.from_settings(settings.auth_tokens, settings.auth_tokens_file)
     interceptors: list[grpc.aio.ServerInterceptor] = [] if tokens is None else [BearerTokenInterceptor(tokens, metrics)]
     interceptors.append(MalformedRequestInterceptor(metrics))
+    if tracing is not None:  # outermost: rejected calls get their span too
+        interceptors.insert(0, tracing.server_interceptor())
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     pb_grpc.add_QuestionAnsweringServiceServicer_to_server(
         QuestionAnsweringServicer(engine, metrics, settings.stream_max_in_flight), server
@@ -242,7 +250,8 @@ async def serve(settings: Settings) -> int:
 
     torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
     try:
-        server, port = create_server(settings)
+        tracing = tracing_from_environment(settings.otlp_endpoint)
+        server, port = create_server(settings, tracing=tracing)
     except (OSError, ValueError) as error:  # a bad models file, certificate or token file: nothing has started
         log.error("invalid configuration: %s", error)
         return 2
@@ -265,8 +274,11 @@ async def serve(settings: Settings) -> int:
         "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext",
         ", bearer tokens" if settings.auth_tokens or settings.auth_tokens_file else "",
         settings.health_port or "off",
-        f"on :{settings.metrics_port}/metrics" if settings.metrics_port else "off",
+        f"on {_host_port(http_address(settings.metrics_host or settings.host), settings.metrics_port)}/metrics"
+        if settings.metrics_port
+        else "off",
     )
+    log.info("tracing %s", "on (OTLP/OTEL_* settings)" if tracing is not None else "off")
     if (settings.auth_tokens or settings.auth_tokens_file) and not settings.tls_cert:
         log.warning("bearer tokens without TLS cross the network in the clear unless a proxy or mesh encrypts it")
     starting = asyncio.create_task(server.start())
@@ -277,6 +289,7 @@ async def serve(settings: Settings) -> int:
         log.error("start-up failed: %s", failure)
         stopping.cancel()
         await server.stop()
+        await _flush(tracing)
         return 1
     await stopping
     # SIGTERM (Kubernetes, docker stop) drains: endpoints and client-side balancers need a moment to stop sending
@@ -291,8 +304,19 @@ async def serve(settings: Settings) -> int:
     log.info("stopping: in-flight requests get up to %.1fs", settings.grace_seconds)
     starting.cancel()
     await server.stop()
+    await _flush(tracing)
     log.info("stopped")
     return 0
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _flush(tracing: Tracing | None) -> None:
+    """Exports the spans still buffered (off the loop: an unreachable collector takes its export timeout)."""
+    if tracing is not None:
+        await asyncio.to_thread(tracing.shutdown)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

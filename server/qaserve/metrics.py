@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import contextlib
+import importlib.metadata
+import platform
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 LATENCY_BUCKETS = (
     0.001,
@@ -42,6 +56,21 @@ STAGE_BUCKETS = (
 WINDOW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Up to the default --max-context-chars (100 000) and beyond, for servers that raise it.
+CONTEXT_CHAR_BUCKETS = (100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000)
+REQUEST_WINDOW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256, 512)
+# The values of qaserve_model_state's `state` label (runtime.ModelState's values).
+MODEL_STATES = ("unloaded", "loading", "ready", "failed")
+# Distributions whose versions qaserve_build_info reports ("" when not installed: torch is an extra).
+BUILD_DISTRIBUTIONS = {
+    "version": "qaserve",
+    "grpc": "grpcio",
+    "protobuf": "protobuf",
+    "transformers": "transformers",
+    "tokenizers": "tokenizers",
+    "torch": "torch",
+    "onnxruntime": "onnxruntime",
+}
 
 
 class Metrics:
@@ -49,6 +78,14 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._register_runtime_collectors(registry)
+        self.build_info = Info(
+            "qaserve_build",
+            "Always 1; the labels name the qaserve version and the versions of Python and the libraries it serves "
+            'with ("" when one is not installed).',
+            registry=registry,
+        )
+        self.build_info.info(build_labels())
         self.request_duration = Histogram(
             "qaserve_request_duration_seconds",
             "Time from receiving an RPC to sending its response, by method, model and status code.",
@@ -64,14 +101,30 @@ class Metrics:
         )
         self.errors = Counter(
             "qaserve_errors_total",
-            "Requests that ended in an error, by reason.",
+            "Requests (and AnswerMany items) that ended in an error, by the ErrorInfo reason the client got; "
+            "the one count of failures: overload is reason OVERLOADED here and nowhere else.",
             ["reason"],
             registry=registry,
         )
         self.rejections = Counter(
             "qaserve_rejections_total",
-            "Requests refused before any model work (overload, deadline, draining), by reason.",
+            "Requests the batcher dropped before a forward pass, by reason (deadline: it would pass first). They "
+            "also end in qaserve_errors_total (DEADLINE_TOO_SHORT): this says where, not how many more.",
             ["reason"],
+            registry=registry,
+        )
+        self.request_context_chars = Histogram(
+            "qaserve_request_context_chars",
+            "Context length of each request, in characters (code points), by model.",
+            ["model"],
+            buckets=CONTEXT_CHAR_BUCKETS,
+            registry=registry,
+        )
+        self.request_windows = Histogram(
+            "qaserve_request_windows",
+            "Windows each request's context was split into (forward-pass inputs it costs), by model.",
+            ["model"],
+            buckets=REQUEST_WINDOW_BUCKETS,
             registry=registry,
         )
         self.queue_duration = Histogram(
@@ -152,6 +205,12 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.model_state = Gauge(
+            "qaserve_model_state",
+            "1 for each configured model's current state (unloaded, loading, ready, failed), 0 for the others.",
+            ["model", "state"],
+            registry=registry,
+        )
         self.models_loaded = Gauge(
             "qaserve_models_loaded", "Models loaded now, by device.", ["device"], registry=registry
         )
@@ -167,3 +226,43 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+
+    def set_model_state(self, model: str, state: str) -> None:
+        """Marks `state` (one of MODEL_STATES) as the model's current one."""
+        for name in MODEL_STATES:
+            self.model_state.labels(model, name).set(1 if name == state else 0)
+
+    def forget_model(self, model: str) -> None:
+        """Drops a model's qaserve_model_state series (a model removed from the configuration)."""
+        for name in MODEL_STATES:
+            with contextlib.suppress(KeyError):
+                self.model_state.remove(model, name)
+
+    @staticmethod
+    def _register_runtime_collectors(registry: CollectorRegistry) -> None:
+        """process_* (memory, CPU, open fds, start time), python_gc_* and python_info on `registry`.
+
+        The default registry has them already (prometheus_client registers them at import): re-registering
+        there would fail on duplicate names.
+        """
+        if registry is REGISTRY:
+            return
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+
+
+def http_address(host: str) -> str:
+    """A gRPC-style host ("[::]", "[::1]", "0.0.0.0", a name) as the /metrics HTTP listener's bind address."""
+    return host.removeprefix("[").removesuffix("]")
+
+
+def build_labels() -> dict[str, str]:
+    """qaserve_build_info's labels: distribution versions from the installed metadata (no imports)."""
+    labels = {"python": platform.python_version()}
+    for label, distribution in BUILD_DISTRIBUTIONS.items():
+        try:
+            labels[label] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            labels[label] = ""
+    return labels

@@ -15,7 +15,7 @@ from types import TracebackType
 
 import grpc
 
-from qaserve import logs
+from qaserve import logs, tracing
 from qaserve.api.errors import internal_status, to_status
 from qaserve.errors import QAServeError
 from qaserve.metrics import Metrics
@@ -59,6 +59,7 @@ class RpcScope:
         self._started = time.perf_counter()
         self.request_id = _incoming_request_id(self.context) or uuid.uuid4().hex
         self._log_context = logs.request_id.set(self.request_id)
+        tracing.tag_request(self.request_id)
         self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         self.metrics.in_flight.labels(self.method).inc()
         return self

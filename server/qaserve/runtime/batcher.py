@@ -72,6 +72,7 @@ class Work(Generic[Out]):
     remaining: int = 0
     keys: set[int] = field(default_factory=set)
     forward_seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)  # windows in each forward pass it rode in
 
     def done(self) -> bool:
         return self.future.done()
@@ -93,6 +94,7 @@ class BatchTiming:
 
     queue: float
     forward: float
+    batch_sizes: tuple[int, ...] = ()  # windows in each forward pass the request's windows rode in
 
 
 class Batcher(Generic[In, Out]):
@@ -190,7 +192,8 @@ class Batcher(Generic[In, Out]):
         finally:
             self._withdraw(work)
         elapsed = time.perf_counter() - work.submitted_at
-        return results, BatchTiming(queue=max(0.0, elapsed - work.forward_seconds), forward=work.forward_seconds)
+        queue = max(0.0, elapsed - work.forward_seconds)
+        return results, BatchTiming(queue, work.forward_seconds, tuple(work.batch_sizes))
 
     # -- consumers ----------------------------------------------------------------------------------------------
 
@@ -226,6 +229,7 @@ class Batcher(Generic[In, Out]):
             self._observe(replica, batch, seconds)
             for work in {job.work for _, job in batch}:
                 work.forward_seconds += seconds
+                work.batch_sizes.append(len(batch))
             for (_, job), output in zip(batch, outputs, strict=True):
                 self._deliver(job, output)
 

@@ -49,6 +49,7 @@ class QAEngine:
         max_in_flight: int = 1024,
         max_context_chars: int = 100_000,
         retry_after: float = 0.05,
+        record_stages: Callable[[QAResult, tuple[int, ...]], None] | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
@@ -57,6 +58,7 @@ class QAEngine:
         self._executor = executor
         self._retry_after = retry_after
         self._in_flight = 0
+        self._record_stages = record_stages  # tracing's stage spans; None when tracing is off
 
     @property
     def in_flight(self) -> int:
@@ -65,7 +67,6 @@ class QAEngine:
     @contextlib.contextmanager
     def _admit(self) -> Iterator[None]:
         if self._in_flight >= self.max_in_flight:
-            self.metrics.rejections.labels("overloaded").inc()
             raise Overloaded(
                 f"the server is at its limit of {self.max_in_flight} requests in flight; retry shortly",
                 self._retry_after,
@@ -103,6 +104,8 @@ class QAEngine:
             windows = await self._run(model.split, request.question, request.context, params)
             tokenize = time.perf_counter() - t0
         self.metrics.tokenize_duration.labels(name).observe(tokenize)
+        self.metrics.request_context_chars.labels(name).observe(len(request.context))
+        self.metrics.request_windows.labels(name).observe(len(windows))
 
         callback = None if on_window is None else (lambda i, out: on_window(windows, params, i, out))
         outputs, batch_timing = await batcher.run(
@@ -115,7 +118,7 @@ class QAEngine:
         decode = time.perf_counter() - t0
         self.metrics.decode_duration.labels(name).observe(decode)
 
-        return QAResult(
+        result = QAResult(
             answers=tuple(answers),
             model=ModelRef(
                 name=name,
@@ -132,6 +135,9 @@ class QAEngine:
             ),
             windows=len(windows),
         )
+        if self._record_stages is not None:
+            self._record_stages(result, batch_timing.batch_sizes)
+        return result
 
     async def answer_progressive(
         self, request: QARequest, deadline: float | None = None

@@ -106,6 +106,9 @@ class ModelRegistry:
         self._entries = {spec.name: _Entry(spec) for spec in specs}
         self._lru: OrderedDict[str, None] = OrderedDict()  # ready models, least recently used first
         self._seen_devices: set[str] = set()  # devices whose usage gauges were set, so they can drop to 0
+        if metrics:
+            for name in self._entries:
+                metrics.set_model_state(name, ModelState.UNLOADED.value)
 
     # -- lookups ------------------------------------------------------------------------------------------------
 
@@ -331,6 +334,8 @@ class ModelRegistry:
 
     def _set_state(self, entry: _Entry, state: ModelState) -> None:
         entry.state = state
+        if self._metrics:
+            self._metrics.set_model_state(entry.spec.name, state.value)
         if self._on_state is not None:
             self._on_state(entry.spec.name, state)
 
