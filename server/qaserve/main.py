@@ -23,6 +23,7 @@ from qaserve.config import Settings, models_config, parse_settings
 from qaserve.logs import configure_logging
 from qaserve.metrics import Metrics
 from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine
+from qaserve.runtime.cache import ResponseCache
 from qaserve_client.v1 import model_service_pb2, model_service_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
@@ -202,6 +203,7 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
         models,
         executor=executor,
         metrics=metrics,
+        cache=ResponseCache(settings.response_cache_bytes, metrics),
         max_in_flight=settings.max_in_flight,
         max_context_chars=settings.max_context_chars,
     )
