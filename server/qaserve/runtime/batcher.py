@@ -158,11 +158,13 @@ class WindowResults(Generic[In, Out]):
             while True:
                 if request.error is not None:
                     raise request.error
+                if request.closed:
+                    raise StopAsyncIteration
                 if request.arrived:
                     finished = list(request.arrived)
                     request.arrived.clear()
                     return finished
-                if request.remaining == 0 or request.closed:
+                if request.remaining == 0:
                     raise StopAsyncIteration
                 request.waiter = asyncio.get_running_loop().create_future()
                 try:
