@@ -22,8 +22,7 @@ from qaserve.api.wire import MalformedRequestInterceptor
 from qaserve.config import Settings, models_config, parse_settings
 from qaserve.logs import configure_logging
 from qaserve.metrics import Metrics
-from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine
-from qaserve.runtime.cache import ResponseCache
+from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine, ResponseCache
 from qaserve_client.v1 import model_service_pb2, model_service_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc

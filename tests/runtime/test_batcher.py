@@ -1,5 +1,4 @@
-"""The batcher with a fake replica: batch limits, waiting, routing, results as windows finish, failures,
-cancellation, deadlines, shutdown, metrics."""
+"""The batcher with a fake replica: batches, waiting, results as windows finish, failures, cancels, deadlines."""
 
 from __future__ import annotations
 

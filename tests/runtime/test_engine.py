@@ -1,5 +1,4 @@
-"""The engine's request flow on a tiny real model: progressive streams closed early, cancelled or abandoned leave
-no queued windows and no pending task behind, and neither does stopping."""
+"""Engine streams on a tiny model: closed early, cancelled, abandoned or stopped, they leave no task behind."""
 
 from __future__ import annotations
 
