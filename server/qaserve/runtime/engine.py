@@ -103,9 +103,11 @@ class QAEngine:
             async with self.registry.use(request.model) as serving:
                 model, batcher = serving.model, serving.batcher
                 params = model.resolve(request.params)
-                key = None
-                if self.cache.enabled:
-                    key = cache_key(model.name, model.revision, params, request.question, request.context)
+                key = (
+                    cache_key(model.name, model.revision, params, request.question, request.context)
+                    if self.cache.enabled
+                    else None
+                )
                 hit = self.cache.get(key) if key is not None else None
                 if hit is not None:
                     timing = Timing(total=time.perf_counter() - started, cached=True)
