@@ -43,6 +43,7 @@ class Settings:
     torch_threads: int = 0  # 0 = all cores
     tokenize_threads: int = 2
     stream_max_in_flight: int = 64
+    response_cache_bytes: int = 64 * 1024 * 1024  # 0 = no response cache
     grace_seconds: float = 10.0
     log_level: str = "INFO"
     # Deployment and security (README "Deployment" and "Security").
@@ -105,6 +106,7 @@ HELP = {
     "torch_threads": "torch intra-op threads (0 = all cores)",
     "tokenize_threads": "threads for tokenizing and decoding",
     "stream_max_in_flight": "AnswerMany items of one stream in progress at once (flow control)",
+    "response_cache_bytes": "bytes of recent answers kept to answer repeated requests without the model (0 = off)",
     "grace_seconds": "on SIGTERM/SIGINT, how long in-flight requests get to finish",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "text or json (one JSON object per line, for log aggregation); DEBUG logs one line per request",
@@ -168,7 +170,8 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         if getattr(s, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in (
-        "port", "metrics_port", "torch_threads", "max_wait_ms", "grace_seconds", "max_batch_tokens", "max_model_bytes"
+        "port", "metrics_port", "torch_threads", "max_wait_ms", "grace_seconds", "max_batch_tokens", "max_model_bytes",
+        "response_cache_bytes",
     ):  # fmt: skip
         if getattr(s, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")

@@ -84,3 +84,10 @@ class ShuttingDown(QAServeError):
 
     code = "UNAVAILABLE"
     reason = "SHUTTING_DOWN"
+
+
+class InferenceFailed(QAServeError):
+    """A forward pass raised; the cause is logged, never sent."""
+
+    code = "INTERNAL"
+    reason = "INFERENCE_FAILED"

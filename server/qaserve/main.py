@@ -22,7 +22,7 @@ from qaserve.api.wire import MalformedRequestInterceptor
 from qaserve.config import Settings, models_config, parse_settings
 from qaserve.logs import configure_logging
 from qaserve.metrics import Metrics, http_address
-from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine
+from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine, ResponseCache
 from qaserve.tracing import Tracing, tracing_from_environment
 from qaserve_client.v1 import model_service_pb2, model_service_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
@@ -207,6 +207,7 @@ def create_server(
         models,
         executor=executor,
         metrics=metrics,
+        cache=ResponseCache(settings.response_cache_bytes, metrics),
         max_in_flight=settings.max_in_flight,
         max_context_chars=settings.max_context_chars,
         record_stages=None if tracing is None else tracing.record_stages,

@@ -226,6 +226,29 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.response_cache_hits = Counter(
+            "qaserve_response_cache_hits_total",
+            "Requests answered from the response cache, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.response_cache_misses = Counter(
+            "qaserve_response_cache_misses_total",
+            "Requests the response cache did not hold, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.response_cache_evictions = Counter(
+            "qaserve_response_cache_evictions_total",
+            "Answers evicted from the response cache to make room, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.response_cache_bytes = Gauge(
+            "qaserve_response_cache_bytes",
+            "Estimated bytes held by the response cache.",
+            registry=registry,
+        )
 
     def set_model_state(self, model: str, state: str) -> None:
         """Marks `state` (one of MODEL_STATES) as the model's current one."""

@@ -103,6 +103,7 @@ class SubprocessServer(Server):
             sys.executable, "-m", "qaserve.main", "serve", "--models-config", str(models_config),
             "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
             "--device", "cpu", "--grace-seconds", "2", "--log-level", "WARNING",
+            "--response-cache-bytes", "0",  # repeated probes must reach the model path under test
         ]  # fmt: skip
         for key, value in flags.items():
             self.args += [f"--{key.replace('_', '-')}", str(value)]
@@ -144,6 +145,7 @@ class InProcessServer(Server):
     """create_server() in this process, for faults that need a hand inside (a forward pass that raises)."""
 
     def __init__(self, models_config: Path, **overrides: object) -> None:
+        overrides = {"response_cache_bytes": 0, **overrides}  # repeated probes must reach the model path
         settings = tiny_settings(Path(), models_config=str(models_config), **overrides)
         self.qa_server, port = create_server(settings, registry=CollectorRegistry())
         self.target = f"127.0.0.1:{port}"

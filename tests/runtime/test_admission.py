@@ -1,4 +1,4 @@
-"""QAEngine admission: at most max_in_flight requests at once, the rest Overloaded with a retry hint."""
+"""QAEngine admission: at most max_in_flight answers and streams at once, the rest Overloaded with a retry hint."""
 
 from __future__ import annotations
 
@@ -202,3 +202,25 @@ async def test_engine_refusal_carries_the_engines_retry_delay(rig: Rig) -> None:
     retry = error_details_pb2.RetryInfo()
     assert any(detail.Unpack(retry) for detail in rich.details)
     assert retry.retry_delay.ToNanoseconds() == int(RETRY_AFTER * 1e9)
+
+
+async def test_progressive_streams_are_admitted_like_answers(rig: Rig) -> None:
+    await fill(rig)
+
+    with pytest.raises(Overloaded):
+        await anext(rig.engine.answer_progressive(REQUEST))
+
+    assert rig.registry.calls == 2
+
+
+async def test_a_stream_cancelled_while_waiting_gives_its_slot_back(rig: Rig) -> None:
+    stream = rig.engine.answer_progressive(REQUEST)
+    step = asyncio.ensure_future(anext(stream))
+    await eventually(lambda: rig.registry.calls == 1, "the stream to be admitted")
+    assert rig.engine.in_flight == 1
+
+    step.cancel()
+    await asyncio.wait([step])
+    await stream.aclose()
+
+    assert rig.engine.in_flight == 0

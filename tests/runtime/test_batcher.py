@@ -1,4 +1,4 @@
-"""The batcher with a fake replica: batch limits, waiting, routing, failures, cancellation, deadlines, metrics."""
+"""The batcher with a fake replica: batches, waiting, results as windows finish, failures, cancels, deadlines."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any, Protocol
 import pytest
 from prometheus_client import CollectorRegistry
 
-from qaserve.errors import DeadlineTooShort, ShuttingDown
+from qaserve.errors import DeadlineTooShort, InferenceFailed, ShuttingDown
 from qaserve.metrics import Metrics
-from qaserve.runtime.batcher import Batcher, BatchLimits, InferenceFailed
+from qaserve.runtime.batcher import Batcher, BatchLimits, BatchTiming, WindowResults
 
 MODEL = "fake-model"
 # How long anything that should happen "soon" may take before a test calls it broken; only reached on failure.
@@ -39,7 +39,8 @@ def output_of(window: Win) -> str:
 
 
 class FakeReplica:
-    """Runs one batch at a time on its own thread; can be held mid-forward, slowed down, or made to fail."""
+    """Runs one batch at a time on its own thread; can be held mid-forward (every batch, or those `held_for`
+    picks), slowed down, or made to fail."""
 
     def __init__(self, label: str = "fake-0") -> None:
         self.label = label
@@ -49,12 +50,13 @@ class FakeReplica:
         self.delay = 0.0
         self.fail_if: Callable[[list[Win]], bool] = lambda _: False
         self.outputs: Callable[[list[Win]], list[str]] = lambda windows: [output_of(w) for w in windows]
+        self.held_for: Callable[[list[Win]], bool] = lambda _: True
         self._gate = threading.Event()
         self._gate.set()
 
     def forward(self, windows: list[Win]) -> list[str]:
         self.batches.append(list(windows))
-        if not self._gate.wait(PATIENCE):
+        if self.held_for(windows) and not self._gate.wait(PATIENCE):
             raise RuntimeError("the test never released the fake replica")
         if self.delay:
             time.sleep(self.delay)
@@ -125,11 +127,33 @@ async def make_rig() -> AsyncIterator[MakeRig]:
         await rig.close()
 
 
+Step = list[tuple[int, str]]
+
+
+async def collect(results: WindowResults[Win, str], steps: list[Step] | None = None) -> tuple[list[str], BatchTiming]:
+    """Iterates a request's results to the end: its outputs in window order, and its timing."""
+    outputs: dict[int, str] = {}
+    async with results:
+        async for finished in results:
+            assert finished, "a step hands out at least one window"
+            assert not set(dict(finished)) & set(outputs), "a window handed out twice"
+            outputs.update(finished)
+            if steps is not None:
+                steps.append(finished)
+    return [outputs[i] for i in sorted(outputs)], results.timing
+
+
+async def run(
+    batcher: Batcher[Win, str], request: str, lengths: Sequence[int], deadline: float | None = None
+) -> tuple[list[str], BatchTiming]:
+    windows = [Win(request, i, n) for i, n in enumerate(lengths)]
+    return await collect(batcher.run(windows, lengths, deadline))
+
+
 def submit(
     batcher: Batcher[Win, str], request: str, lengths: Sequence[int], **kwargs: Any
-) -> asyncio.Task[tuple[list[str], Any]]:
-    windows = [Win(request, i, n) for i, n in enumerate(lengths)]
-    return asyncio.create_task(batcher.run(windows, lengths, **kwargs), name=request)
+) -> asyncio.Task[tuple[list[str], BatchTiming]]:
+    return asyncio.create_task(run(batcher, request, lengths, **kwargs), name=request)
 
 
 def expected(request: str, lengths: Sequence[int]) -> list[str]:
@@ -144,7 +168,7 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.001)
 
 
-async def occupy(rig: Rig) -> asyncio.Task[tuple[list[str], Any]]:
+async def occupy(rig: Rig) -> asyncio.Task[tuple[list[str], BatchTiming]]:
     """Holds the (single) replica inside a forward pass so that what is submitted next queues up."""
     rig.replica.hold()
     before = len(rig.replica.batches)
@@ -155,7 +179,7 @@ async def occupy(rig: Rig) -> asyncio.Task[tuple[list[str], Any]]:
 
 async def queue_then_release(
     rig: Rig, requests: dict[str, list[int]], **kwargs: Any
-) -> dict[str, asyncio.Task[tuple[list[str], Any]]]:
+) -> dict[str, asyncio.Task[tuple[list[str], BatchTiming]]]:
     """Queues every request behind a held replica, then lets it run; returns the requests' tasks."""
     blocker = await occupy(rig)
     tasks = {name: submit(rig.batcher, name, lengths, **kwargs) for name, lengths in requests.items()}
@@ -166,18 +190,18 @@ async def queue_then_release(
     return tasks
 
 
-async def finish(tasks: dict[str, asyncio.Task[tuple[list[str], Any]]]) -> dict[str, Any]:
+async def finish(tasks: dict[str, asyncio.Task[tuple[list[str], BatchTiming]]]) -> dict[str, Any]:
     """Each task's outputs, or the exception it raised."""
     await asyncio.wait_for(asyncio.wait(tasks.values()), PATIENCE)
     return {name: task.exception() or task.result()[0] for name, task in tasks.items()}
 
 
-async def settle(run: Awaitable[tuple[list[str], Any]], within: float) -> object:
-    """What `run` came to: its outputs, the exception it raised, or HUNG when it had not finished in time.
+async def settle(call: Awaitable[tuple[list[str], BatchTiming]], within: float) -> object:
+    """What `call` came to: its outputs, the exception it raised, or HUNG when it had not finished in time.
 
     For tests of hangs: they fail on a plain assertion rather than on a deep chain of asyncio timeouts.
     """
-    task = asyncio.ensure_future(run)
+    task = asyncio.ensure_future(call)
     done, _ = await asyncio.wait({task}, timeout=within)
     if not done:
         task.cancel()
@@ -294,7 +318,7 @@ async def test_lone_request_on_an_idle_batcher_does_not_wait(make_rig: MakeRig) 
     loop = asyncio.get_running_loop()
 
     started = loop.time()
-    outputs, timing = await asyncio.wait_for(rig.batcher.run([Win("lone", 0, 8)], [8]), PATIENCE)
+    outputs, timing = await asyncio.wait_for(run(rig.batcher, "lone", [8]), PATIENCE)
 
     assert loop.time() - started < 0.5  # nothing else is on its way, so max_wait does not apply
     assert outputs == expected("lone", [8])
@@ -308,13 +332,13 @@ async def test_free_replica_waits_for_an_incoming_request_to_share_the_batch(mak
     async def late_request() -> list[str]:
         with rig.batcher.incoming():
             await asyncio.sleep(0.05)  # tokenizing
-        outputs, _ = await rig.batcher.run([Win("late", 0, 20)], [20])
+        outputs, _ = await run(rig.batcher, "late", [20])
         return outputs
 
     late = asyncio.create_task(late_request())
     await asyncio.sleep(0)  # let it announce itself
     started = loop.time()
-    early_outputs, _ = await asyncio.wait_for(rig.batcher.run([Win("early", 0, 10)], [10]), PATIENCE)
+    early_outputs, _ = await asyncio.wait_for(run(rig.batcher, "early", [10]), PATIENCE)
     waited = loop.time() - started
 
     assert await late == expected("late", [20])
@@ -329,7 +353,7 @@ async def test_free_replica_stops_waiting_after_max_wait(make_rig: MakeRig) -> N
 
     with rig.batcher.incoming():  # announced, but never submits
         started = loop.time()
-        outputs, _ = await asyncio.wait_for(rig.batcher.run([Win("waits", 0, 10)], [10]), PATIENCE)
+        outputs, _ = await asyncio.wait_for(run(rig.batcher, "waits", [10]), PATIENCE)
         waited = loop.time() - started
 
     assert outputs == expected("waits", [10])
@@ -342,7 +366,7 @@ async def test_full_batch_does_not_wait_for_incoming_requests(make_rig: MakeRig)
 
     with rig.batcher.incoming():
         started = loop.time()
-        outputs, _ = await asyncio.wait_for(rig.batcher.run([Win("full", 0, 10), Win("full", 1, 10)], [10, 10]), 2)
+        outputs, _ = await asyncio.wait_for(run(rig.batcher, "full", [10, 10]), 2)
         waited = loop.time() - started
 
     assert outputs == expected("full", [10, 10])
@@ -352,16 +376,17 @@ async def test_full_batch_does_not_wait_for_incoming_requests(make_rig: MakeRig)
 # -- results --------------------------------------------------------------------------------------------------
 
 
-async def test_results_reach_their_requests_in_window_order(make_rig: MakeRig) -> None:
+async def test_results_reach_their_requests_one_step_per_forward_pass(make_rig: MakeRig) -> None:
     rig = make_rig(max_windows=3)
     requests = {"a": [30, 10, 20, 10, 30], "b": [10], "c": [20, 20, 20, 20], "d": [30, 10]}
-    calls: dict[str, list[tuple[int, str]]] = {name: [] for name in requests}
+    steps: dict[str, list[Step]] = {name: [] for name in requests}
+
+    def start(name: str, lengths: list[int]) -> asyncio.Task[tuple[list[str], BatchTiming]]:
+        windows = [Win(name, i, n) for i, n in enumerate(lengths)]
+        return asyncio.create_task(collect(rig.batcher.run(windows, lengths), steps[name]))
 
     blocker = await occupy(rig)
-    tasks = {
-        name: submit(rig.batcher, name, lengths, on_window=lambda i, out, name=name: calls[name].append((i, out)))
-        for name, lengths in requests.items()
-    }
+    tasks = {name: start(name, lengths) for name, lengths in requests.items()}
     await eventually(lambda: rig.batcher.queued_windows == 12, "every window to be queued")
     rig.replica.release()
     await blocker
@@ -369,19 +394,55 @@ async def test_results_reach_their_requests_in_window_order(make_rig: MakeRig) -
 
     assert results == {name: expected(name, lengths) for name, lengths in requests.items()}
     assert sum(any(w.request == "a" for w in b) for b in rig.replica.batches) > 1  # "a" was split across batches
-    for name, lengths in requests.items():
-        assert sorted(calls[name]) == list(enumerate(expected(name, lengths)))
+    for name in requests:
+        by_batch = [[(w.index, output_of(w)) for w in b if w.request == name] for b in rig.replica.batches]
+        assert steps[name] == [step for step in by_batch if step], name
 
 
-async def test_a_failing_window_callback_does_not_lose_the_result(make_rig: MakeRig) -> None:
+async def test_results_are_handed_out_while_later_windows_still_run(make_rig: MakeRig) -> None:
+    rig = make_rig(max_windows=1)
+    rig.replica.held_for = lambda windows: windows[0].index > 0
+    rig.replica.hold()
+    windows = [Win("long", i, 10) for i in range(3)]
+
+    async with rig.batcher.run(windows, [10, 10, 10]) as results:
+        first = await asyncio.wait_for(anext(results), PATIENCE)
+        assert first == [(0, output_of(windows[0]))]
+        await eventually(lambda: len(rig.replica.batches) == 2, "the second window to reach the replica")
+        rig.replica.release()
+        rest = [step async for step in results]
+
+    assert rest == [[(1, output_of(windows[1]))], [(2, output_of(windows[2]))]]
+    assert results.timing.forward > 0
+
+
+async def test_closing_the_results_early_withdraws_the_queued_windows(make_rig: MakeRig) -> None:
+    rig = make_rig(max_windows=1)
+    rig.replica.held_for = lambda windows: windows[0].index > 0
+    rig.replica.hold()
+    windows = [Win("early", i, 10) for i in range(4)]
+
+    async with rig.batcher.run(windows, [10] * 4) as results:
+        await asyncio.wait_for(anext(results), PATIENCE)
+        await eventually(lambda: len(rig.replica.batches) == 2, "the second window to reach the replica")
+        assert rig.batcher.queued_windows == 2
+    assert rig.batcher.queued_windows == 0
+    assert rig.sample("qaserve_queue_depth_windows", model=MODEL) == 0
+    rig.replica.release()
+
+    outputs, _ = await asyncio.wait_for(run(rig.batcher, "next", [10]), PATIENCE)
+    assert outputs == expected("next", [10])
+    assert [(w.request, w.index) for w in rig.replica.seen()] == [("early", 0), ("early", 1), ("next", 0)]
+    assert [step async for step in results] == []  # a closed request hands out nothing more
+
+
+async def test_results_are_queued_only_once_iterated(make_rig: MakeRig) -> None:
     rig = make_rig()
 
-    def broken(index: int, output: str) -> None:
-        raise ValueError("callback bug")
+    results = rig.batcher.run([Win("lazy", 0, 10)], [10])
+    assert rig.batcher.queued_windows == 0  # never iterated: it can never leave windows behind
 
-    outputs, _ = await asyncio.wait_for(rig.batcher.run([Win("cb", 0, 5)], [5], on_window=broken), PATIENCE)
-
-    assert outputs == expected("cb", [5])
+    assert await asyncio.wait_for(collect(results), PATIENCE) == (expected("lazy", [10]), results.timing)
 
 
 # -- failures -------------------------------------------------------------------------------------------------
@@ -401,7 +462,7 @@ async def test_failing_batch_fails_only_its_requests(make_rig: MakeRig) -> None:
     assert results["long1"] == expected("long1", [100])
     assert results["long2"] == expected("long2", [100])
 
-    outputs, _ = await asyncio.wait_for(rig.batcher.run([Win("later", 0, 10)], [10]), PATIENCE)
+    outputs, _ = await asyncio.wait_for(run(rig.batcher, "later", [10]), PATIENCE)
     assert outputs == expected("later", [10])
     assert rig.batcher.queued_windows == 0
 
@@ -423,10 +484,10 @@ async def test_forward_returning_the_wrong_number_of_outputs_fails_the_batch_and
     rig = build_rig()
     rig.replica.outputs = lambda windows: [output_of(w) for w in windows][:-1]
     try:
-        short = await settle(rig.batcher.run([Win("short", 0, 5), Win("short", 1, 5)], [5, 5]), 1.0)
+        short = await settle(run(rig.batcher, "short", [5, 5]), 1.0)
         assert isinstance(short, InferenceFailed), short
         rig.replica.outputs = lambda windows: [output_of(w) for w in windows]
-        assert await settle(rig.batcher.run([Win("next", 0, 5)], [5]), 1.0) == expected("next", [5])
+        assert await settle(run(rig.batcher, "next", [5]), 1.0) == expected("next", [5])
     finally:
         with contextlib.suppress(Exception):  # stop() re-raises the dead consumer's ValueError
             await rig.close()
@@ -465,7 +526,7 @@ async def test_request_cancelled_mid_forward_is_dropped_and_the_batcher_keeps_se
         await running
     rig.replica.release()
 
-    outputs, _ = await asyncio.wait_for(rig.batcher.run([Win("next", 0, 10)], [10]), PATIENCE)
+    outputs, _ = await asyncio.wait_for(run(rig.batcher, "next", [10]), PATIENCE)
     assert outputs == expected("next", [10])
     assert rig.batcher.queued_windows == 0
 
@@ -486,7 +547,7 @@ async def test_burst_of_cancellations_leaves_the_queue_empty(make_rig: MakeRig) 
     assert rig.sample("qaserve_queue_depth_windows", model=MODEL) == 0
     rig.replica.release()
     await blocker
-    outputs, _ = await asyncio.wait_for(rig.batcher.run([Win("after", 0, 10)], [10]), PATIENCE)
+    outputs, _ = await asyncio.wait_for(run(rig.batcher, "after", [10]), PATIENCE)
     assert outputs == expected("after", [10])
     assert [w.request for w in rig.replica.seen()] == ["blocker", "after"]
 
@@ -499,7 +560,7 @@ async def test_request_past_its_deadline_is_rejected_without_running(make_rig: M
     loop = asyncio.get_running_loop()
 
     with pytest.raises(DeadlineTooShort):
-        await asyncio.wait_for(rig.batcher.run([Win("late", 0, 10)], [10], deadline=loop.time() - 1), PATIENCE)
+        await asyncio.wait_for(run(rig.batcher, "late", [10], deadline=loop.time() - 1), PATIENCE)
 
     assert rig.replica.batches == []
     assert rig.batcher.queued_windows == 0
@@ -528,13 +589,11 @@ async def test_deadline_shorter_than_a_forward_pass_is_rejected_without_running(
     rig = make_rig()
     loop = asyncio.get_running_loop()
     rig.replica.delay = 0.2
-    await asyncio.wait_for(rig.batcher.run([Win("first", 0, 10)], [10]), PATIENCE)  # teaches it forwards are slow
+    await asyncio.wait_for(run(rig.batcher, "first", [10]), PATIENCE)  # teaches it forwards are slow
 
     with pytest.raises(DeadlineTooShort):
-        await asyncio.wait_for(rig.batcher.run([Win("hasty", 0, 10)], [10], deadline=loop.time() + 0.05), PATIENCE)
-    outputs, _ = await asyncio.wait_for(
-        rig.batcher.run([Win("relaxed", 0, 10)], [10], deadline=loop.time() + 60), PATIENCE
-    )
+        await asyncio.wait_for(run(rig.batcher, "hasty", [10], deadline=loop.time() + 0.05), PATIENCE)
+    outputs, _ = await asyncio.wait_for(run(rig.batcher, "relaxed", [10], deadline=loop.time() + 60), PATIENCE)
 
     assert outputs == expected("relaxed", [10])
     assert [w.request for w in rig.replica.seen()] == ["first", "relaxed"]
@@ -559,7 +618,7 @@ async def test_stop_fails_queued_work_with_shutting_down(make_rig: MakeRig) -> N
     assert rig.batcher.queued_windows == 0
     assert rig.sample("qaserve_queue_depth_windows", model=MODEL) == 0
     with pytest.raises(ShuttingDown):
-        await rig.batcher.run([Win("too-late", 0, 10)], [10])
+        await run(rig.batcher, "too-late", [10])
 
 
 async def test_stop_resolves_the_request_whose_batch_is_in_flight(make_rig: MakeRig) -> None:
@@ -583,7 +642,7 @@ async def test_stop_resolves_the_request_whose_batch_is_in_flight(make_rig: Make
 async def test_request_without_windows_returns_at_once(make_rig: MakeRig) -> None:
     rig = make_rig()
 
-    assert await settle(rig.batcher.run([], []), 1.0) == []
+    assert await settle(collect(rig.batcher.run([], [])), 1.0) == []
 
 
 # -- metrics --------------------------------------------------------------------------------------------------
@@ -610,7 +669,7 @@ async def test_failed_forward_passes_are_not_observed_as_batches(make_rig: MakeR
     rig.replica.fail_if = lambda windows: True
 
     with pytest.raises(InferenceFailed):
-        await asyncio.wait_for(rig.batcher.run([Win("x", 0, 10)], [10]), PATIENCE)
+        await asyncio.wait_for(run(rig.batcher, "x", [10]), PATIENCE)
 
     assert rig.sample("qaserve_batch_windows_count", model=MODEL) in (None, 0)
     assert rig.sample("qaserve_queue_depth_windows", model=MODEL) == 0

@@ -80,13 +80,14 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class Timing:
-    """Server-side seconds spent on one request."""
+    """Server-side seconds spent on one request; `cached` answers came from the response cache (stages 0)."""
 
     total: float = 0.0
     tokenize: float = 0.0
     queue: float = 0.0
     forward: float = 0.0
     decode: float = 0.0
+    cached: bool = False
 
 
 @dataclass(frozen=True)

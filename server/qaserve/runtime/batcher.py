@@ -7,12 +7,14 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from qaserve.errors import DeadlineTooShort, QAServeError, ShuttingDown
+from qaserve.errors import DeadlineTooShort, InferenceFailed, ShuttingDown
 from qaserve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -23,13 +25,6 @@ Out = TypeVar("Out")
 # How far back in the queue a batch may reach for windows of similar length: keeps the oldest window first
 # (no starvation) and bounds the cost of choosing.
 LOOKAHEAD_BATCHES = 8
-
-
-class InferenceFailed(QAServeError):
-    """A forward pass raised; the cause is logged, never sent."""
-
-    code = "INTERNAL"
-    reason = "INFERENCE_FAILED"
 
 
 class Replica(Protocol[In, Out]):
@@ -59,35 +54,6 @@ class BatchLimits:
     max_wait: float = 0.002
 
 
-@dataclass(eq=False)
-class Work(Generic[Out]):
-    """One request's windows in flight: results fill in as batches finish."""
-
-    lengths: list[int]
-    deadline: float | None
-    future: asyncio.Future[list[Out]]
-    on_window: Callable[[int, Out], None] | None
-    submitted_at: float
-    results: list[Out | None] = field(default_factory=list)
-    remaining: int = 0
-    keys: set[int] = field(default_factory=set)
-    forward_seconds: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)  # windows in each forward pass it rode in
-
-    def done(self) -> bool:
-        return self.future.done()
-
-
-@dataclass(eq=False)
-class Job:
-    """One queued window: its request, its place in the request, its length, and the forward input."""
-
-    work: Work[Any]
-    index: int
-    length: int
-    window: Any
-
-
 @dataclass(frozen=True)
 class BatchTiming:
     """Where a request's time went inside the batcher, in seconds."""
@@ -97,6 +63,140 @@ class BatchTiming:
     batch_sizes: tuple[int, ...] = ()  # windows in each forward pass the request's windows rode in
 
 
+@dataclass(eq=False)
+class QueuedRequest(Generic[Out]):
+    """One request's windows in the batcher: those still queued (by key), and results not yet handed out."""
+
+    deadline: float | None
+    remaining: int  # windows whose results have not arrived
+    submitted_at: float
+    finished_at: float | None = None
+    keys: set[int] = field(default_factory=set)
+    arrived: deque[tuple[int, Out]] = field(default_factory=deque)
+    error: BaseException | None = None
+    closed: bool = False  # its consumer went away: nothing more to run or deliver
+    forward_seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)  # windows in each forward pass it rode in
+    waiter: asyncio.Future[None] | None = None  # set while its consumer waits for results
+
+    def done(self) -> bool:
+        """Nothing of it needs a forward pass any more."""
+        return self.closed or self.error is not None or self.remaining == 0
+
+    def deliver(self, index: int, output: Out) -> None:
+        self.arrived.append((index, output))
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.finished_at = time.perf_counter()
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+@dataclass(eq=False)
+class QueuedWindow:
+    """One window waiting for a batch: its request, its queue key, its place in the request, its length, and the
+    forward input."""
+
+    request: QueuedRequest[Any]
+    key: int
+    index: int
+    length: int
+    window: Any
+
+
+class WindowResults(Generic[In, Out]):
+    """One request's window results as forward passes finish them: an async iterator of lists of
+    (window index, output), one list per step (the windows of this request that one forward pass finished,
+    or several if the consumer fell behind).
+
+    The windows are queued on entering `async with` (or on the first step). Leaving the block, aclose(),
+    cancellation or an error withdraws whatever is still queued, so it never costs a forward pass. `timing` is
+    complete once every window has arrived.
+    """
+
+    def __init__(
+        self, batcher: Batcher[In, Out], windows: Sequence[In], lengths: Sequence[int], deadline: float | None
+    ) -> None:
+        if len(windows) != len(lengths):
+            raise ValueError(f"{len(windows)} windows but {len(lengths)} lengths")
+        self._batcher = batcher
+        self._windows = windows
+        self._lengths = lengths
+        self._deadline = deadline
+        self._request: QueuedRequest[Out] | None = None
+
+    @property
+    def timing(self) -> BatchTiming:
+        """Queue and forward seconds of this request so far (all of it once every window has arrived)."""
+        request = self._request
+        if request is None:
+            return BatchTiming(queue=0.0, forward=0.0)
+        end = request.finished_at if request.finished_at is not None else time.perf_counter()
+        elapsed = end - request.submitted_at
+        return BatchTiming(
+            queue=max(0.0, elapsed - request.forward_seconds),
+            forward=request.forward_seconds,
+            batch_sizes=tuple(request.batch_sizes),
+        )
+
+    async def __aenter__(self) -> WindowResults[In, Out]:
+        self._submit()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> WindowResults[In, Out]:
+        return self
+
+    async def __anext__(self) -> list[tuple[int, Out]]:
+        request = self._submit()
+        try:
+            while True:
+                if request.error is not None:
+                    raise request.error
+                if request.closed:
+                    raise StopAsyncIteration
+                if request.arrived:
+                    finished = list(request.arrived)
+                    request.arrived.clear()
+                    return finished
+                if request.remaining == 0:
+                    raise StopAsyncIteration
+                request.waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await request.waiter
+                finally:
+                    request.waiter = None
+        except BaseException as error:
+            if not isinstance(error, StopAsyncIteration):
+                self._close()
+            raise
+
+    async def aclose(self) -> None:
+        """Withdraws the request's windows that are still queued; results still to come are dropped."""
+        self._close()
+
+    def _submit(self) -> QueuedRequest[Out]:
+        if self._request is None:
+            self._request = self._batcher._submit(self._windows, self._lengths, self._deadline)
+        return self._request
+
+    def _close(self) -> None:
+        if self._request is not None and not self._request.closed:
+            self._request.closed = True
+            self._batcher._withdraw(self._request)
+
+
 class Batcher(Generic[In, Out]):
     """Queues windows, forms batches under BatchLimits, and feeds one consumer task per replica.
 
@@ -104,18 +204,12 @@ class Batcher(Generic[In, Out]):
     fails exactly the requests whose windows were in that batch.
     """
 
-    def __init__(
-        self,
-        model: str,
-        replicas: Sequence[Replica[In, Out]],
-        limits: BatchLimits,
-        metrics: Metrics | None = None,
-    ) -> None:
+    def __init__(self, model: str, replicas: Sequence[Replica[In, Out]], limits: BatchLimits, metrics: Metrics) -> None:
         self.model = model
         self.limits = limits
         self._replicas = list(replicas)
         self._metrics = metrics
-        self._pending: dict[int, Job] = {}
+        self._pending: dict[int, QueuedWindow] = {}
         self._keys = itertools.count()
         self._incoming = 0
         self._wakeup: asyncio.Event | None = None
@@ -136,8 +230,8 @@ class Batcher(Generic[In, Out]):
         """Fails what is still queued; consumers finish the batch they are running (up to `grace` seconds,
         then those requests fail with ShuttingDown too) and exit."""
         self._closed = True
-        for job in list(self._pending.values()):
-            self._fail(job.work, ShuttingDown("the server is shutting down"))
+        for queued in list(self._pending.values()):
+            self._fail(queued.request, ShuttingDown("the server is shutting down"))
         self._wake()
         if self._tasks:
             _, running = await asyncio.wait(self._tasks, timeout=grace)
@@ -156,44 +250,36 @@ class Batcher(Generic[In, Out]):
             self._incoming -= 1
             self._wake()
 
-    async def run(
-        self,
-        windows: Sequence[In],
-        lengths: Sequence[int],
-        deadline: float | None = None,
-        on_window: Callable[[int, Out], None] | None = None,
-    ) -> tuple[list[Out], BatchTiming]:
-        """Queues one request's windows and waits for all their results (in window order).
+    def run(
+        self, windows: Sequence[In], lengths: Sequence[int], deadline: float | None = None
+    ) -> WindowResults[In, Out]:
+        """One request's windows, to iterate over as they finish:
 
-        `deadline` is on the event loop's clock. On cancellation the request's windows leave the queue.
+            async with batcher.run(windows, lengths, deadline) as results:
+                async for finished in results:
+                    for index, output in finished: ...
+            timing = results.timing
+
+        `deadline` is on the event loop's clock. A stopped batcher raises ShuttingDown on the first step.
         """
+        return WindowResults(self, windows, lengths, deadline)
+
+    def _submit(self, windows: Sequence[In], lengths: Sequence[int], deadline: float | None) -> QueuedRequest[Out]:
         if self._closed:
             raise ShuttingDown("the server is shutting down")
-        if not windows:
-            return [], BatchTiming(queue=0.0, forward=0.0)
-        loop = asyncio.get_running_loop()
-        work: Work[Out] = Work(
-            lengths=list(lengths),
-            deadline=deadline,
-            future=loop.create_future(),
-            on_window=on_window,
-            submitted_at=time.perf_counter(),
-            results=[None] * len(windows),
-            remaining=len(windows),
+        request: QueuedRequest[Out] = QueuedRequest(
+            deadline=deadline, remaining=len(windows), submitted_at=time.perf_counter()
         )
+        if not windows:
+            request.finished_at = request.submitted_at
+            return request
         for index, (window, length) in enumerate(zip(windows, lengths, strict=True)):
             key = next(self._keys)
-            self._pending[key] = Job(work, index, length, window)
-            work.keys.add(key)
+            self._pending[key] = QueuedWindow(request, key, index, length, window)
+            request.keys.add(key)
         self._update_depth()
         self._wake()
-        try:
-            results = await work.future
-        finally:
-            self._withdraw(work)
-        elapsed = time.perf_counter() - work.submitted_at
-        queue = max(0.0, elapsed - work.forward_seconds)
-        return results, BatchTiming(queue, work.forward_seconds, tuple(work.batch_sizes))
+        return request
 
     # -- consumers ----------------------------------------------------------------------------------------------
 
@@ -207,31 +293,32 @@ class Batcher(Generic[In, Out]):
             batch = self._take_batch(loop.time())
             if not batch:
                 continue
-            inputs = [job.window for _, job in batch]
+            requests = {queued.request for queued in batch}
             started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(replica.executor, replica.forward, inputs)
+                outputs = await loop.run_in_executor(replica.executor, replica.forward, [q.window for q in batch])
                 if len(outputs) != len(batch):
                     raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(batch)} windows")
             except asyncio.CancelledError:
-                for work in {job.work for _, job in batch}:
-                    self._fail(work, ShuttingDown("the server stopped before this request was answered"))
+                for request in requests:
+                    self._fail(request, ShuttingDown("the server stopped before this request was answered"))
                 raise
             except Exception:
                 log.exception("forward pass failed on %s (%d windows)", replica.label, len(batch))
-                for work in {job.work for _, job in batch}:
-                    self._fail(work, InferenceFailed("the model failed to process this request"))
+                for request in requests:
+                    self._fail(request, InferenceFailed("the model failed to process this request"))
                 continue
             seconds = time.perf_counter() - started
             self._forward_estimate = (
                 seconds if not self._forward_estimate else 0.8 * self._forward_estimate + 0.2 * seconds
             )
             self._observe(replica, batch, seconds)
-            for work in {job.work for _, job in batch}:
-                work.forward_seconds += seconds
-                work.batch_sizes.append(len(batch))
-            for (_, job), output in zip(batch, outputs, strict=True):
-                self._deliver(job, output)
+            for request in requests:
+                request.forward_seconds += seconds
+                request.batch_sizes.append(len(batch))
+            for queued, output in zip(batch, outputs, strict=True):
+                if not queued.request.done():
+                    queued.request.deliver(queued.index, output)
 
     async def _wait_for_work(self) -> None:
         assert self._wakeup is not None
@@ -251,67 +338,52 @@ class Batcher(Generic[In, Out]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
-    def _take_batch(self, now: float) -> list[tuple[int, Job]]:
+    def _take_batch(self, now: float) -> list[QueuedWindow]:
         """Oldest live window first, then the queued windows closest to its length, within the limits."""
         limits = self.limits
-        candidates: list[tuple[int, Job]] = []
-        for key, job in list(self._pending.items()):
-            work = job.work
-            if work.done():
-                self._withdraw(work)
-            elif work.deadline is not None and work.deadline < now + self._forward_estimate:
-                self._fail(work, DeadlineTooShort("the deadline passes before this request's windows can run"))
-                if self._metrics:
-                    self._metrics.rejections.labels("deadline").inc()
-            elif key in self._pending:
-                candidates.append((key, job))
+        candidates: list[QueuedWindow] = []
+        for queued in list(self._pending.values()):
+            request = queued.request
+            if request.done():
+                self._withdraw(request)
+            elif request.deadline is not None and request.deadline < now + self._forward_estimate:
+                self._fail(request, DeadlineTooShort("the deadline passes before this request's windows can run"))
+                self._metrics.rejections.labels("deadline").inc()
+            elif queued.key in self._pending:
+                candidates.append(queued)
                 if len(candidates) >= limits.max_windows * LOOKAHEAD_BATCHES:
                     break
         if not candidates:
             self._update_depth()
             return []
-        anchor = candidates[0][1].length
-        candidates.sort(key=lambda item: abs(item[1].length - anchor))  # stable: FIFO among equal distances
-        batch: list[tuple[int, Job]] = []
+        anchor = candidates[0].length
+        candidates.sort(key=lambda queued: abs(queued.length - anchor))  # stable: FIFO among equal distances
+        batch: list[QueuedWindow] = []
         longest = 0
-        for key, job in candidates:
-            width = max(longest, job.length)
+        for queued in candidates:
+            width = max(longest, queued.length)
             if batch and limits.max_tokens and width * (len(batch) + 1) > limits.max_tokens:
                 continue
-            batch.append((key, job))
+            batch.append(queued)
             longest = width
             if len(batch) >= limits.max_windows:
                 break
-        for key, job in batch:
-            del self._pending[key]
-            job.work.keys.discard(key)
+        for queued in batch:
+            del self._pending[queued.key]
+            queued.request.keys.discard(queued.key)
         self._update_depth()
         return batch
 
-    def _deliver(self, job: Job, output: Any) -> None:
-        work = job.work
-        if work.done():
-            return
-        work.results[job.index] = output
-        work.remaining -= 1
-        if work.on_window is not None:
-            try:
-                work.on_window(job.index, output)
-            except Exception:
-                log.exception("window callback failed")
-        if work.remaining == 0:
-            work.future.set_result(list(work.results))
+    def _fail(self, request: QueuedRequest[Any], error: BaseException) -> None:
+        if not request.done():
+            request.fail(error)
+        self._withdraw(request)
 
-    def _fail(self, work: Work[Any], error: BaseException) -> None:
-        if not work.done():
-            work.future.set_exception(error)
-        self._withdraw(work)
-
-    def _withdraw(self, work: Work[Any]) -> None:
-        """Removes a request's queued windows (cancelled, failed, expired or done)."""
-        for key in work.keys:
+    def _withdraw(self, request: QueuedRequest[Any]) -> None:
+        """Removes a request's queued windows (closed, failed, expired or done)."""
+        for key in request.keys:
             self._pending.pop(key, None)
-        work.keys.clear()
+        request.keys.clear()
         self._update_depth()
 
     def _wake(self) -> None:
@@ -319,13 +391,10 @@ class Batcher(Generic[In, Out]):
             self._wakeup.set()
 
     def _update_depth(self) -> None:
-        if self._metrics:
-            self._metrics.queue_depth.labels(self.model).set(len(self._pending))
+        self._metrics.queue_depth.labels(self.model).set(len(self._pending))
 
-    def _observe(self, replica: Replica[In, Out], batch: list[tuple[int, Job]], seconds: float) -> None:
-        if not self._metrics:
-            return
-        lengths = [job.length for _, job in batch]
+    def _observe(self, replica: Replica[In, Out], batch: list[QueuedWindow], seconds: float) -> None:
+        lengths = [queued.length for queued in batch]
         padded = max(lengths) * len(lengths)
         m = self._metrics
         m.forward_duration.labels(self.model, str(replica.device)).observe(seconds)

@@ -27,18 +27,19 @@ from qaserve.qa import (
     merge_candidates,
     score_windows,
 )
+from qaserve.runtime.cache import ResponseCache, cache_key
 from qaserve.runtime.model import QAModel, WindowLogits
-from qaserve.runtime.registry import ModelRegistry, ServingModel
+from qaserve.runtime.registry import ModelRegistry
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# Called on the event loop as each window of a request is scored.
-WindowCallback = Callable[[Windows, QAParams, int, WindowLogits], None]
-
 
 class QAEngine:
-    """Answers QARequests. At most `max_in_flight` requests are admitted at once; the rest get Overloaded."""
+    """Answers QARequests. At most `max_in_flight` requests are admitted at once; the rest get Overloaded.
+
+    Repeated requests are answered from `cache` (none: no response cache).
+    """
 
     def __init__(
         self,
@@ -46,6 +47,7 @@ class QAEngine:
         *,
         executor: Executor,
         metrics: Metrics,
+        cache: ResponseCache | None = None,
         max_in_flight: int = 1024,
         max_context_chars: int = 100_000,
         retry_after: float = 0.05,
@@ -53,6 +55,7 @@ class QAEngine:
     ) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.cache = cache if cache is not None else ResponseCache(0, metrics)
         self.max_in_flight = max_in_flight
         self.max_context_chars = max_context_chars
         self._executor = executor
@@ -77,111 +80,106 @@ class QAEngine:
         finally:
             self._in_flight -= 1
 
-    async def answer(
-        self, request: QARequest, deadline: float | None = None, on_window: WindowCallback | None = None
-    ) -> QAResult:
-        """Answers one request. `deadline` is on the event loop's clock; `on_window` sees each scored window."""
+    async def answer(self, request: QARequest, deadline: float | None = None) -> QAResult:
+        """Answers one request. `deadline` is on the event loop's clock."""
+        async with contextlib.aclosing(self._updates(request, deadline, progress=False)) as updates:
+            result = await anext(updates)  # without progress, the result is the only update
+        assert isinstance(result, QAResult)
+        return result
+
+    def answer_progressive(
+        self, request: QARequest, deadline: float | None = None
+    ) -> AsyncGenerator[QAProgress | QAResult]:
+        """Yields QAProgress after each group of scored windows of a multi-window context, then the QAResult
+        that answer() returns (alone when it comes from the response cache). Closing the iterator early
+        withdraws the request's windows that have not run."""
+        return self._updates(request, deadline, progress=True)
+
+    async def _updates(
+        self, request: QARequest, deadline: float | None, *, progress: bool
+    ) -> AsyncGenerator[QAProgress | QAResult]:
         started = time.perf_counter()
         request.validate(self.max_context_chars)
         with self._admit():
             async with self.registry.use(request.model) as serving:
-                return await self._answer(request, serving, deadline, on_window, started)
+                model, batcher = serving.model, serving.batcher
+                params = model.resolve(request.params)
+                key = (
+                    cache_key(model.name, model.revision, params, request.question, request.context)
+                    if self.cache.enabled
+                    else None
+                )
+                hit = self.cache.get(key) if key is not None else None
+                if hit is not None:
+                    timing = Timing(total=time.perf_counter() - started, cached=True)
+                    result = QAResult(hit.answers, _model_ref(model), timing, hit.windows)
+                else:
+                    with batcher.incoming():
+                        t0 = time.perf_counter()
+                        windows = await self._run(model.split, request.question, request.context, params)
+                        tokenize = time.perf_counter() - t0
+                    self.metrics.tokenize_duration.labels(model.name).observe(tokenize)
+                    self.metrics.request_context_chars.labels(model.name).observe(len(request.context))
+                    self.metrics.request_windows.labels(model.name).observe(len(windows))
 
-    async def _answer(
+                    logits: dict[int, WindowLogits] = {}
+                    candidates: dict[int, WindowCandidates] = {}
+                    lengths = [len(ids) for ids in windows.input_ids]
+                    async with batcher.run(QAModel.inputs(windows), lengths, deadline) as results:
+                        async for finished in results:
+                            logits.update(finished)
+                            if progress and len(logits) < len(windows):  # else the final result follows at once
+                                yield await self._progress(request.context, windows, params, finished, candidates)
+                    batch_timing = results.timing
+                    self.metrics.queue_duration.labels(model.name).observe(batch_timing.queue)
+
+                    t0 = time.perf_counter()
+                    ordered = [logits[i] for i in range(len(windows))]
+                    answers = await self._run(_decode, request.context, windows, ordered, params)
+                    decode = time.perf_counter() - t0
+                    self.metrics.decode_duration.labels(model.name).observe(decode)
+
+                    timing = Timing(
+                        total=time.perf_counter() - started,
+                        tokenize=tokenize,
+                        queue=batch_timing.queue,
+                        forward=batch_timing.forward,
+                        decode=decode,
+                    )
+                    result = QAResult(tuple(answers), _model_ref(model), timing, len(windows))
+                    if key is not None:
+                        self.cache.put(key, result.answers, result.windows)
+                    if self._record_stages is not None:
+                        self._record_stages(result, batch_timing.batch_sizes)
+        yield result
+
+    async def _progress(
         self,
-        request: QARequest,
-        serving: ServingModel,
-        deadline: float | None,
-        on_window: WindowCallback | None,
-        started: float,
-    ) -> QAResult:
-        model, batcher = serving.model, serving.batcher
-        name = model.name
-        params = model.resolve(request.params)
-
-        with batcher.incoming():
-            t0 = time.perf_counter()
-            windows = await self._run(model.split, request.question, request.context, params)
-            tokenize = time.perf_counter() - t0
-        self.metrics.tokenize_duration.labels(name).observe(tokenize)
-        self.metrics.request_context_chars.labels(name).observe(len(request.context))
-        self.metrics.request_windows.labels(name).observe(len(windows))
-
-        callback = None if on_window is None else (lambda i, out: on_window(windows, params, i, out))
-        outputs, batch_timing = await batcher.run(
-            QAModel.inputs(windows), [len(ids) for ids in windows.input_ids], deadline, callback
-        )
-        self.metrics.queue_duration.labels(name).observe(batch_timing.queue)
-
-        t0 = time.perf_counter()
-        answers = await self._run(_decode, request.context, windows, outputs, params)
-        decode = time.perf_counter() - t0
-        self.metrics.decode_duration.labels(name).observe(decode)
-
-        result = QAResult(
-            answers=tuple(answers),
-            model=ModelRef(
-                name=name,
-                revision=model.revision,
-                device=",".join(model.devices),
-                dtype=str(model.dtype).removeprefix("torch."),
-            ),
-            timing=Timing(
-                total=time.perf_counter() - started,
-                tokenize=tokenize,
-                queue=batch_timing.queue,
-                forward=batch_timing.forward,
-                decode=decode,
-            ),
-            windows=len(windows),
-        )
-        if self._record_stages is not None:
-            self._record_stages(result, batch_timing.batch_sizes)
-        return result
-
-    async def answer_progressive(
-        self, request: QARequest, deadline: float | None = None
-    ) -> AsyncGenerator[QAProgress | QAResult]:
-        """Yields QAProgress after each group of scored windows of a multi-window context, then the QAResult
-        that answer() returns. Closing the iterator early cancels the request's remaining windows."""
-        scored: dict[int, WindowLogits] = {}
-        seen: list[tuple[Windows, QAParams]] = []
-        arrived = asyncio.Event()
-
-        def on_window(windows: Windows, params: QAParams, index: int, logits: WindowLogits) -> None:
-            if not seen:
-                seen.append((windows, params))
-            scored[index] = logits
-            arrived.set()
-
-        task = asyncio.create_task(self.answer(request, deadline, on_window))
-        candidates: dict[int, WindowCandidates] = {}
-        try:
-            while not task.done():
-                waiter = asyncio.create_task(arrived.wait())
-                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                arrived.clear()
-                if task.done() or not seen:
-                    break
-                windows, params = seen[0]
-                if len(scored) == len(windows):
-                    continue  # the final result follows and covers every window
-                new = sorted(set(scored) - set(candidates))
-                fresh = await self._run(_score, windows, new, [scored[i] for i in new], params)
-                candidates.update(zip(new, fresh, strict=True))
-                answers = merge_candidates(request.context, [candidates[i] for i in sorted(candidates)], params)
-                yield QAProgress(tuple(answers), len(candidates), len(windows))
-            yield await task
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        context: str,
+        windows: Windows,
+        params: QAParams,
+        finished: list[tuple[int, WindowLogits]],
+        candidates: dict[int, WindowCandidates],
+    ) -> QAProgress:
+        """Scores newly finished windows into `candidates`; the best answers among every window scored so far."""
+        indices = [index for index, _ in finished]
+        scored = await self._run(_score, windows, indices, [logits for _, logits in finished], params)
+        candidates.update(zip(indices, scored, strict=True))
+        answers = merge_candidates(context, [candidates[i] for i in sorted(candidates)], params)
+        return QAProgress(tuple(answers), len(candidates), len(windows))
 
     async def _run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+
+def _model_ref(model: QAModel) -> ModelRef:
+    return ModelRef(
+        name=model.name,
+        revision=model.revision,
+        device=",".join(model.devices),
+        dtype=str(model.dtype).removeprefix("torch."),
+    )
 
 
 def _stack(outputs: list[WindowLogits]) -> tuple[torch.Tensor, torch.Tensor]:

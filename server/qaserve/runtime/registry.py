@@ -84,7 +84,7 @@ class ModelRegistry:
         specs: Sequence[ModelSpec],
         default: str,
         limits: BatchLimits,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         *,
         max_models: int = 4,
         max_bytes_per_device: int = 0,
