@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pytest
 import numpy as np
+import pytest
 from transformers import AutoTokenizer
 
 from qaserve.config import EMBEDDED_MODEL
