@@ -45,6 +45,8 @@ def export(
 
     source = Path(model_dir)
     local = source.is_dir()
+    if not local and (source.exists() or model_dir.startswith(("/", "./", "../", "~"))):
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
         staging = Path(tmp)
@@ -199,7 +201,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"qaserve export needs the torch extra (pip install 'qaserve[torch]'): {error}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as error:
-        print(f"qaserve export: {error}", file=sys.stderr)
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"qaserve export: {text}", file=sys.stderr)
         return 1
     inputs = ", ".join(manifest.inputs)
     print(f"exported {args.model_dir} to {args.out_dir / ONNX_FILE} ({manifest.dtype}, inputs {inputs})")
