@@ -86,6 +86,8 @@ def test_onnx_model_reports_dtype_revision_bytes_and_runs_on_its_own_thread(tiny
         assert model.nbytes == 2 * (tiny_int8_dir / ONNX_FILE).stat().st_size == estimate_bytes(spec)
         assert model.max_seq_len == 512
         assert sorted(r.label for r in model.replicas) == ["int8-cpu-0", "int8-cpu-1"]
+        assert all(r.session.get_session_options().intra_op_num_threads == 1 for r in model.replicas)
+        assert model._tokenizers.qsize() == 3  # one tokenizer copy per tokenizing thread
         seen: list[str] = []
         for replica in model.replicas:
             seen.append(replica.executor.submit(lambda: threading.current_thread().name).result())
@@ -131,6 +133,34 @@ def test_torch_backend_reports_float32_and_the_weights_hash(tiny_model_dir: Path
         assert model.nbytes == pytest.approx(
             estimate_bytes(ModelSpec("t", str(tiny_model_dir), device="cpu")), rel=0.01
         )
+    finally:
+        model.close()
+
+
+def test_torch_loads_and_runs_only_on_replica_threads(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    import transformers
+
+    threads: list[str] = []
+    original = transformers.AutoModelForQuestionAnswering.from_pretrained
+
+    def recording(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForQuestionAnswering, "from_pretrained", recording)
+    model = load_model(ModelSpec("t", str(tiny_model_dir), device="cpu", replicas_per_device=2), intra_op_threads=1)
+    try:
+        assert len(threads) == 1 and threads[0].startswith("forward-t-cpu-0")  # loaded once, on a replica's thread
+        module = model.replicas[0].module
+        assert module is model.replicas[1].module  # replicas on a device share weights
+        module.register_forward_pre_hook(lambda *_: threads.append(threading.current_thread().name))
+        for replica in model.replicas:
+            assert replica.executor.submit(torch.get_num_threads).result() == 1
+            replica.executor.submit(
+                replica.forward, QAModel.inputs(model.split(QUESTION, CONTEXT, model.resolve(QAParams())))
+            ).result()
+        assert sorted(threads[1:]) == ["forward-t-cpu-0_0", "forward-t-cpu-1_0"]
     finally:
         model.close()
 
