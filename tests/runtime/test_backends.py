@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -193,3 +195,13 @@ def test_onnx_backend_refuses_devices_and_dtypes_it_cannot_run(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         load_model(ModelSpec("bad", str(tiny_onnx_dir), backend="onnx", device=device, dtype=dtype))
+
+
+def test_the_runtime_and_qa_core_import_no_framework() -> None:
+    code = (
+        "import sys\n"
+        "import qaserve.qa, qaserve.runtime, qaserve.runtime.backends, qaserve.runtime.engine, qaserve.main\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnxruntime', 'onnx'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
