@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-weight QA models and an in-process server on one of them."""
+"""Shared fixtures: tiny random-weight QA models (and their ONNX exports) and an in-process server on one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from qaserve.main import QAServer, create_server
 
-from qaserve_testing import build_tiny_model, tiny_settings
+from qaserve_testing import build_tiny_model, export_tiny_onnx, tiny_settings
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +21,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_distilbert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-distilbert"), "distilbert", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT (with token_type_ids) exported to ONNX, float32: tokenizer, config, model.onnx, manifest."""
+    return export_tiny_onnx(tiny_model_dir, tmp_path_factory.mktemp("onnx") / "tiny-bert-onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert_onnx_dir(tiny_distilbert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny DistilBERT (no token_type_ids) exported to ONNX, float32."""
+    return export_tiny_onnx(tiny_distilbert_dir, tmp_path_factory.mktemp("onnx") / "tiny-distilbert-onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT exported to ONNX with dynamic int8 weights."""
+    return export_tiny_onnx(tiny_model_dir, tmp_path_factory.mktemp("onnx") / "tiny-bert-int8", quantize="int8")
 
 
 @pytest.fixture(scope="session")

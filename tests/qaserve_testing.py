@@ -39,6 +39,14 @@ def build_tiny_model(directory: Path, architecture: str = "bert", seed: int = 0)
     return directory
 
 
+def export_tiny_onnx(model_dir: Path, out_dir: Path, quantize: str = "none") -> Path:
+    """`qaserve export` of a tiny model into `out_dir` (tokenizer, config.json, model.onnx, manifest)."""
+    from qaserve.export import export
+
+    export(str(model_dir), out_dir, quantize=quantize)
+    return out_dir
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -40,7 +40,7 @@ class Settings:
     max_batch_tokens: int = 0  # 0 = by device: 1024 on CPU, 65536 on GPU
     max_wait_ms: float = 2.0
     replicas_per_device: int = 1
-    torch_threads: int = 0  # 0 = all cores
+    intra_op_threads: int = 0  # 0 = by rule (qaserve.runtime.backends.threads_per_replica)
     tokenize_threads: int = 2
     stream_max_in_flight: int = 64
     response_cache_bytes: int = 64 * 1024 * 1024  # 0 = no response cache
@@ -103,7 +103,8 @@ HELP = {
     "max_batch_tokens": "most padded tokens (windows x longest) per forward pass; 0 = 1024 on CPU, 65536 on GPU",
     "max_wait_ms": "longest a free replica waits for windows of requests still being tokenized",
     "replicas_per_device": "model replicas (forward threads) per device",
-    "torch_threads": "torch intra-op threads (0 = all cores)",
+    "intra_op_threads": "threads one replica's forward pass uses, torch and ONNX Runtime alike (0 = the CPU's cores "
+    "split between the model's replicas on it; 1 on a GPU)",
     "tokenize_threads": "threads for tokenizing and decoding",
     "stream_max_in_flight": "AnswerMany items of one stream in progress at once (flow control)",
     "response_cache_bytes": "bytes of recent answers kept to answer repeated requests without the model (0 = off)",
@@ -170,8 +171,8 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         if getattr(s, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in (
-        "port", "metrics_port", "torch_threads", "max_wait_ms", "grace_seconds", "max_batch_tokens", "max_model_bytes",
-        "response_cache_bytes",
+        "port", "metrics_port", "intra_op_threads", "max_wait_ms", "grace_seconds", "max_batch_tokens",
+        "max_model_bytes",
     ):  # fmt: skip
         if getattr(s, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")

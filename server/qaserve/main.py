@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from qaserve.config import Settings, models_config, parse_settings
 from qaserve.logs import configure_logging
 from qaserve.metrics import Metrics, http_address
 from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine, ResponseCache
+from qaserve.runtime.backends import model_loader
 from qaserve.tracing import Tracing, tracing_from_environment
 from qaserve_client.v1 import model_service_pb2, model_service_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
@@ -201,6 +201,7 @@ def create_server(
         max_models=config.max_models,
         max_bytes_per_device=config.max_bytes_per_device,
         on_state=ModelHealth(health_servicer),
+        loader=model_loader(settings.intra_op_threads, settings.tokenize_threads),
     )
     executor = ThreadPoolExecutor(max_workers=settings.tokenize_threads, thread_name_prefix="tokenize")
     engine = QAEngine(
@@ -247,9 +248,6 @@ def create_server(
 
 async def serve(settings: Settings) -> int:
     """Runs until SIGINT/SIGTERM, then stops gracefully; returns the exit status (1 when start-up failed)."""
-    import torch
-
-    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
     try:
         tracing = tracing_from_environment(settings.otlp_endpoint)
         server, port = create_server(settings, tracing=tracing)
@@ -323,8 +321,12 @@ async def _flush(tracing: Tracing | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qaserve` command."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "export":
+        from qaserve.export import main as export
+
+        return export(args[1:])
     if not args or args[0] != "serve":
-        print("usage: qaserve serve [options]   (qaserve serve --help lists them)", file=sys.stderr)
+        print("usage: qaserve serve [options] | qaserve export MODEL_DIR OUT_DIR [options]   (--help)", file=sys.stderr)
         return 2
     settings = parse_settings(args[1:])
     configure_logging(settings.log_level, settings.log_format)

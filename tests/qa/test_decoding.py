@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from qaserve.config import EMBEDDED_MODEL
@@ -35,9 +35,9 @@ def token_at(windows: Windows, window: int, char: int) -> int:
     raise AssertionError(f"no token starts at {char} in window {window}")
 
 
-def zero_logits(windows: Windows) -> tuple[torch.Tensor, torch.Tensor]:
+def zero_logits(windows: Windows) -> tuple[np.ndarray, np.ndarray]:
     width = max(len(ids) for ids in windows.input_ids)
-    return torch.zeros(len(windows), width), torch.zeros(len(windows), width)
+    return np.zeros((len(windows), width), dtype=np.float32), np.zeros((len(windows), width), dtype=np.float32)
 
 
 def softmax_prob(logit: float, others: int) -> float:

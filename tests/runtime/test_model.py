@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,8 @@ from qaserve.errors import InvalidArgument, ModelNotFound
 from qaserve.metrics import Metrics
 from qaserve.qa import QAParams, QARequest
 from qaserve.runtime import BatchLimits, ModelRegistry, QAEngine
+from qaserve.runtime.backends import MANIFEST_FILE, ONNX_FILE
+from qaserve.runtime.backends.manifest import sha256_file
 from qaserve.runtime.spec import ModelSpec
 
 from qaserve_testing import SEED_CONTEXT, SEED_QUESTION
@@ -33,7 +36,11 @@ async def make_engine(*specs: ModelSpec) -> AsyncIterator[QAEngine]:
 
 @pytest.fixture(scope="module")
 async def embedded_engine() -> AsyncIterator[QAEngine]:
-    async for engine in make_engine(ModelSpec("minilm", str(EMBEDDED_MODEL), device="cpu")):
+    """The embedded model on the torch backend: the one with the transformers pipeline's exact scores."""
+    async for engine in make_engine(
+        ModelSpec("minilm", str(EMBEDDED_MODEL), backend="torch", device="cpu"),
+        ModelSpec("minilm-onnx", str(EMBEDDED_MODEL), device="cpu"),
+    ):
         yield engine
 
 
@@ -56,6 +63,18 @@ async def test_embedded_model_answers_the_seed_question(embedded_engine: QAEngin
     assert result.model.revision.startswith("sha256:c7c5b98c")
     assert (result.model.device, result.model.dtype) == ("cpu", "float32")
     assert result.windows == 1
+
+
+async def test_embedded_model_serves_its_int8_onnx_file_by_default_on_cpu(embedded_engine: QAEngine) -> None:
+    result = await embedded_engine.answer(QARequest(SEED_QUESTION, SEED_CONTEXT, model="minilm-onnx"))
+    [best] = result.answers
+    assert (best.answer, best.start, best.end) == ("Paris", 54, 59)
+    assert best.score == pytest.approx(0.576, abs=0.05)  # int8 weights: close to, not exactly, the pipeline's
+    assert (result.model.device, result.model.dtype) == ("cpu", "int8")
+    manifest = json.loads((EMBEDDED_MODEL / MANIFEST_FILE).read_text())
+    assert manifest["quantization"] == "int8"
+    assert manifest["source_revision"].startswith("sha256:c7c5b98c")  # made from the weights the torch backend serves
+    assert result.model.revision == sha256_file(EMBEDDED_MODEL / ONNX_FILE)
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-distilbert"])

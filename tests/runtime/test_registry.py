@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import torch
 from prometheus_client import CollectorRegistry
 
 from qaserve.errors import ModelFailed, ModelNotFound, ModelPinned, ModelTooLarge
@@ -25,7 +24,7 @@ class FakeReplica:
     def __init__(self, name: str) -> None:
         self.executor = ThreadPoolExecutor(1)
         self.label = name
-        self.device = torch.device("cpu")
+        self.device = "cpu"
 
     def forward(self, windows: list[Any]) -> list[Any]:
         return windows
@@ -41,7 +40,7 @@ class FakeModel:
         self.devices = ["cpu"]
         self.nbytes = nbytes
         self.revision = f"rev-{spec.name}"
-        self.dtype = torch.float32
+        self.dtype = "float32"
         self.closed = False
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from qaserve.errors import ModelFailed
 from qaserve.main import QAServer, create_server
 from qaserve.metrics import MODEL_STATES, Metrics
 from qaserve.runtime import BatchLimits, ModelRegistry
+from qaserve.runtime.backends import load_model
 from qaserve.runtime.model import QAModel
 from qaserve.runtime.spec import ModelSpec
 from qaserve_client.v1 import question_answering_pb2 as pb
@@ -212,7 +213,7 @@ async def test_model_state_gauge_follows_load_and_unload(tiny_model_dir: Path, t
 
     def gated_load(spec: ModelSpec) -> QAModel:
         assert release.wait(PATIENCE), "the test never released the load"
-        return QAModel.load(spec)
+        return load_model(spec)
 
     broken = tmp_path / "broken"
     broken.mkdir()

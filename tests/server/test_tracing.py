@@ -44,7 +44,9 @@ async def traced_server(tiny_model_dir: Path, exporter: InMemorySpanExporter) ->
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing = Tracing(provider)
-    server, _ = create_server(tiny_settings(tiny_model_dir, response_cache_bytes=0), registry=CollectorRegistry(), tracing=tracing)
+    server, _ = create_server(
+        tiny_settings(tiny_model_dir, response_cache_bytes=0), registry=CollectorRegistry(), tracing=tracing
+    )
     await server.start()
     yield server
     await server.stop()

@@ -6,13 +6,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
+import numpy.typing as npt
 
 from qaserve.qa.types import Answer, QAParams
 from qaserve.qa.windowing import Windows
 
 # Logit given to tokens that cannot be part of an answer, so they take no probability mass (as in the pipeline).
 MASKED_LOGIT = -10000.0
+
+Logits = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -24,11 +27,11 @@ class WindowCandidates:
 
 
 def decode_answers(
-    context: str, windows: Windows, start_logits: torch.Tensor, end_logits: torch.Tensor, params: QAParams
+    context: str, windows: Windows, start_logits: Logits, end_logits: Logits, params: QAParams
 ) -> list[Answer]:
     """Best answers over all windows, highest score first.
 
-    start_logits/end_logits: float tensors [windows, length], right-padded past each window's tokens. Per window,
+    start_logits/end_logits: float32 arrays [windows, length], right-padded past each window's tokens. Per window,
     probabilities are a softmax over its answer tokens (context + CLS); a span scores p_start x p_end for
     start <= end < start + max_answer_len, CLS excluded. Spans that give the same text (case-insensitively) add
     their scores, the first one's offsets kept. With handle_impossible_answer the empty answer scores the lowest
@@ -41,19 +44,19 @@ def decode_answers(
 def score_windows(
     windows: Windows,
     indices: Sequence[int],
-    start_logits: torch.Tensor,
-    end_logits: torch.Tensor,
+    start_logits: Logits,
+    end_logits: Logits,
     params: QAParams,
 ) -> list[WindowCandidates]:
     """Candidates of the windows `indices` (row i of the logits belongs to window indices[i]), vectorised."""
     n_rows, length = start_logits.shape
-    mask = torch.zeros((n_rows, length), dtype=torch.bool)
+    mask = np.zeros((n_rows, length), dtype=bool)
     for row, w in enumerate(indices):
         window_mask = windows.answer_masks[w]
-        mask[row, : len(window_mask)] = torch.tensor(window_mask, dtype=torch.bool)
+        mask[row, : len(window_mask)] = window_mask
 
-    start = torch.softmax(torch.where(mask, start_logits.float(), MASKED_LOGIT), dim=-1)
-    end = torch.softmax(torch.where(mask, end_logits.float(), MASKED_LOGIT), dim=-1)
+    start = _softmax(np.where(mask, start_logits.astype(np.float32, copy=False), np.float32(MASKED_LOGIT)))
+    end = _softmax(np.where(mask, end_logits.astype(np.float32, copy=False), np.float32(MASKED_LOGIT)))
     null_scores = (start[:, 0] * end[:, 0]).tolist()
     start[:, 0] = 0.0
     end[:, 0] = 0.0
@@ -61,13 +64,15 @@ def score_windows(
     # scores[w, i, k] = p_start[i] * p_end[i + k] for 0 <= k < max_answer_len: only the band of allowed spans,
     # so memory grows with windows x length x max_answer_len, not length squared.
     span = min(params.max_answer_len, length)
-    padded_end = torch.nn.functional.pad(end, (0, span - 1))
-    scores = (start[:, :, None] * padded_end.unfold(1, span, 1)).reshape(n_rows, -1)
+    padded_end = np.pad(end, ((0, 0), (0, span - 1)))
+    bands = np.lib.stride_tricks.sliding_window_view(padded_end, span, axis=1)
+    scores = (start[:, :, None] * bands).reshape(n_rows, -1)
 
     # The pipeline keeps extra candidates per window when aligning to words: several token spans can widen to
     # the same words and merge.
     per_window = params.top_k * 2 + 10 if params.align_to_words else params.top_k
-    top_scores, top_index = torch.topk(scores, k=min(per_window, scores.shape[1]), dim=-1)
+    top_index = _top_k(scores, min(per_window, scores.shape[1]))
+    top_scores = np.take_along_axis(scores, top_index, axis=1)
 
     result = []
     for row, w in enumerate(indices):
@@ -119,3 +124,21 @@ def _char_span(encoding: Any, s: int, e: int, context_index: int, align_to_words
                 return int(start_chars[0]), int(end_chars[1])
     offsets = encoding.offsets
     return int(offsets[s][0]), int(offsets[e][1])
+
+
+def _softmax(logits: Logits) -> Logits:
+    """Row-wise softmax in float32, as the pipeline computes it (numpy on the model's float32 logits)."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    result: Logits = shifted / shifted.sum(axis=-1, keepdims=True)
+    return result
+
+
+def _top_k(scores: Logits, k: int) -> npt.NDArray[np.intp]:
+    """Per row, the indices of the k highest scores, highest first; equal scores in index order."""
+    if k < scores.shape[1]:
+        candidates = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
+    else:
+        candidates = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    order = np.argsort(-np.take_along_axis(scores, candidates, axis=1), axis=1, kind="stable")
+    result: npt.NDArray[np.intp] = np.take_along_axis(candidates, order, axis=1)
+    return result

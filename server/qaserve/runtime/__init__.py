@@ -1,4 +1,4 @@
-"""Model runtime: devices, loading, the model registry, the batcher, the response cache and the engine (no gRPC)."""
+"""Model runtime: backends, the model registry, the batcher and the request engine (no gRPC, no framework)."""
 
 from qaserve.runtime.batcher import Batcher, BatchLimits
 from qaserve.runtime.cache import ResponseCache

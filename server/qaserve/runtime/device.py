@@ -1,55 +1,47 @@
-"""Device and dtype resolution: auto picks cuda, then mps, then cpu; half precision on accelerators."""
+"""Device facts that need no framework: CPU cores, whether an accelerator can exist, batch sizes by device."""
 
 from __future__ import annotations
 
-import torch
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> a device that exists on this machine."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", 0)
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} requested but CUDA is not available")
-        index = 0 if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA devices exist")
-        return torch.device("cuda", index)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' requested but MPS is not available")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {spec!r}")
-    return device
+import importlib.util
+import os
+import platform
+import sys
+from pathlib import Path
 
 
-def replica_devices(spec: str) -> list[torch.device]:
-    """Devices to run replicas on: every visible GPU for 'cuda' (or 'auto' with CUDA), else the one device."""
-    if spec == "cuda" or (spec == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
-        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    return [resolve_device(spec)]
+def device_type(device: str) -> str:
+    """'cuda:1' -> 'cuda'; 'cpu' -> 'cpu'."""
+    return device.split(":", 1)[0]
 
 
-def default_batch_tokens(device: torch.device) -> int:
+def cpu_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells, e.g. a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def accelerator_possible() -> bool:
+    """Whether torch could find a GPU here, decided without importing torch where the answer is surely no:
+    torch not installed, a CPU-only torch build, or no GPU driver (NVIDIA or AMD) on a non-Apple machine."""
+    if sys.modules.get("torch") is not None:
+        return True  # already imported: asking it costs nothing more
+    if importlib.util.find_spec("torch") is None:
+        return False
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        if version("torch").endswith("+cpu"):
+            return False
+    except PackageNotFoundError:
+        pass
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"  # MPS
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd"))
+
+
+def default_batch_tokens(device: str) -> int:
     """Padded tokens per forward pass worth batching. A CPU is compute-bound: batching short windows amortises
     per-call overhead, but past about a thousand tokens it only adds latency (measured with bench/load.py on
     2 cores); accelerators keep gaining far longer."""
-    return 1024 if device.type == "cpu" else 65536
-
-
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """'auto' is float16 on CUDA/MPS and float32 on CPU (half precision is slow or unsupported on most CPUs)."""
-    if spec == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
-    if spec not in DTYPES:
-        raise ValueError(f"unsupported dtype {spec!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[spec]
+    return 1024 if device_type(device) == "cpu" else 65536

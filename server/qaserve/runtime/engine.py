@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import ParamSpec, TypeVar
 
-import torch
+import numpy as np
 
 from qaserve.errors import Overloaded
 from qaserve.metrics import Metrics
@@ -28,7 +28,7 @@ from qaserve.qa import (
     score_windows,
 )
 from qaserve.runtime.cache import ResponseCache, cache_key
-from qaserve.runtime.model import QAModel, WindowLogits
+from qaserve.runtime.model import Logits, QAModel, WindowLogits
 from qaserve.runtime.registry import ModelRegistry
 
 P = ParamSpec("P")
@@ -178,14 +178,18 @@ def _model_ref(model: QAModel) -> ModelRef:
         name=model.name,
         revision=model.revision,
         device=",".join(model.devices),
-        dtype=str(model.dtype).removeprefix("torch."),
+        dtype=model.dtype,
     )
 
 
-def _stack(outputs: list[WindowLogits]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-window logits as [windows, longest] start and end tensors, right-padded."""
-    start = torch.nn.utils.rnn.pad_sequence([o.start for o in outputs], batch_first=True)
-    end = torch.nn.utils.rnn.pad_sequence([o.end for o in outputs], batch_first=True)
+def _stack(outputs: list[WindowLogits]) -> tuple[Logits, Logits]:
+    """Per-window logits as [windows, longest] float32 start and end arrays, right-padded with zeros."""
+    shape = (len(outputs), max(len(o.start) for o in outputs))
+    start = np.zeros(shape, dtype=np.float32)
+    end = np.zeros(shape, dtype=np.float32)
+    for row, o in enumerate(outputs):
+        start[row, : len(o.start)] = o.start
+        end[row, : len(o.end)] = o.end
     return start, end
 
 

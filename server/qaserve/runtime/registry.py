@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from qaserve.errors import ModelFailed, ModelNotFound, ModelNotReady, ModelPinned, ModelTooLarge
 from qaserve.metrics import Metrics
+from qaserve.runtime.backends import estimate_bytes, load_model, plan_devices
 from qaserve.runtime.batcher import Batcher, BatchLimits
-from qaserve.runtime.device import default_batch_tokens, replica_devices
-from qaserve.runtime.model import QAModel, WindowInput, WindowLogits, estimate_bytes
+from qaserve.runtime.device import default_batch_tokens
+from qaserve.runtime.model import QAModel, WindowInput, WindowLogits
 from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,9 @@ class ModelRegistry:
         *,
         max_models: int = 4,
         max_bytes_per_device: int = 0,
-        loader: Callable[[ModelSpec], QAModel] = QAModel.load,
+        loader: Callable[[ModelSpec], QAModel] = load_model,
         estimate: Callable[[ModelSpec], int] = estimate_bytes,
+        devices: Callable[[ModelSpec], list[str]] = plan_devices,
         on_state: Callable[[str, ModelState], None] | None = None,
     ) -> None:
         self.specs = {spec.name: spec for spec in specs}
@@ -102,6 +104,7 @@ class ModelRegistry:
         self._metrics = metrics
         self._loader = loader
         self._estimate = estimate
+        self._devices = devices
         self._on_state = on_state
         self._entries = {spec.name: _Entry(spec) for spec in specs}
         self._lru: OrderedDict[str, None] = OrderedDict()  # ready models, least recently used first
@@ -134,7 +137,7 @@ class ModelRegistry:
             is_default=entry.spec.name == self.default,
             pinned=entry.spec.pinned,
             devices=tuple(model.devices) if model else (entry.spec.device,),
-            dtype=str(model.dtype).removeprefix("torch.") if model else "",
+            dtype=model.dtype if model else "",
             bytes=model.nbytes if model else 0,
             revision=model.revision if model else "",
             last_used=entry.last_used,
@@ -173,13 +176,11 @@ class ModelRegistry:
         entry.last_used = time.time()
         if entry.serving is not None:
             self._lru.move_to_end(entry.spec.name)
-            if self._metrics:
-                self._metrics.model_cache_hits.labels(entry.spec.name).inc()
+            self._metrics.model_cache_hits.labels(entry.spec.name).inc()
             return entry.serving
         if entry.state is ModelState.FAILED:
             raise ModelFailed(f"model {entry.spec.name!r} failed to load: {entry.error}")
-        if self._metrics:
-            self._metrics.model_cache_misses.labels(entry.spec.name).inc()
+        self._metrics.model_cache_misses.labels(entry.spec.name).inc()
         return await self._load(entry)
 
     # -- ModelService -------------------------------------------------------------------------------------------
@@ -242,14 +243,14 @@ class ModelRegistry:
         self._set_state(entry, ModelState.LOADING)
         started = time.perf_counter()
         try:
-            devices = [str(d) for d in replica_devices(spec.device)]
+            devices = await asyncio.to_thread(self._devices, spec)
             entry.reserved = await asyncio.to_thread(self._estimate, spec)
             await self._make_room(entry, devices, entry.reserved)
             log.info("loading model %s", spec.name)
             model = await asyncio.to_thread(self._loader, spec)
             limits = self._limits
             if not limits.max_tokens:
-                limits = dataclasses.replace(limits, max_tokens=default_batch_tokens(model.replicas[0].device))
+                limits = dataclasses.replace(limits, max_tokens=default_batch_tokens(model.devices[0]))
             batcher: Batcher[WindowInput, WindowLogits] = Batcher(spec.name, model.replicas, limits, self._metrics)
             batcher.start()
             serving = ServingModel(model, batcher)
@@ -257,8 +258,7 @@ class ModelRegistry:
             entry.serving, entry.error = serving, ""
             self._lru[spec.name] = None
             self._set_state(entry, ModelState.READY)
-            if self._metrics:
-                self._metrics.model_load_duration.labels(spec.name).observe(time.perf_counter() - started)
+            self._metrics.model_load_duration.labels(spec.name).observe(time.perf_counter() - started)
             entry.reserved = 0
             self._update_usage()
             try:  # measured bytes can exceed the estimate: make room for what it really takes, or give up
@@ -318,7 +318,7 @@ class ModelRegistry:
                 await asyncio.wait_for(serving.idle.wait(), drain)
         await serving.batcher.stop()
         await asyncio.to_thread(serving.model.close)
-        if self._metrics and reason == "evicted":
+        if reason == "evicted":
             self._metrics.model_cache_evictions.labels(entry.spec.name).inc()
         self._update_usage()
 
@@ -340,8 +340,6 @@ class ModelRegistry:
             self._on_state(entry.spec.name, state)
 
     def _update_usage(self) -> None:
-        if not self._metrics:
-            return
         by_device: dict[str, tuple[int, int]] = {}
         for e in self._entries.values():
             if e.serving is not None:

@@ -1,0 +1,81 @@
+"""The manifest `qaserve export` writes beside model.onnx, and the onnx backend reads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ONNX_FILE = "model.onnx"
+MANIFEST_FILE = "qaserve-onnx.json"
+FORMAT_VERSION = 1
+QUANTIZATIONS = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class OnnxManifest:
+    """How model.onnx was made: from which weights, quantized how, with which inputs, and how well it answers."""
+
+    source_revision: str
+    quantization: str  # none | int8
+    opset: int
+    inputs: tuple[str, ...]
+    squad_v1_1_dev: dict[str, float] | None = None  # {"exact_match": x, "f1": y} where measured
+
+    @property
+    def dtype(self) -> str:
+        """The dtype name the server reports: int8 for quantized weights, float32 otherwise."""
+        return "int8" if self.quantization == "int8" else "float32"
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "source_revision": self.source_revision,
+            "quantization": self.quantization,
+            "opset": self.opset,
+            "inputs": list(self.inputs),
+            "squad_v1.1_dev": self.squad_v1_1_dev,
+        }
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def read(cls, directory: Path) -> OnnxManifest:
+        """Reads and checks the manifest; ValueError naming the file and what is wrong."""
+        path = directory / MANIFEST_FILE
+        if not path.is_file():
+            raise ValueError(f"{MANIFEST_FILE} is missing beside {ONNX_FILE}; write both with `qaserve export`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{MANIFEST_FILE} is not valid JSON: {error}") from None
+        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{MANIFEST_FILE}: format_version must be {FORMAT_VERSION}")
+        quantization = data.get("quantization")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"{MANIFEST_FILE}: quantization must be one of {', '.join(QUANTIZATIONS)}")
+        inputs = data.get("inputs")
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            raise ValueError(f"{MANIFEST_FILE}: inputs must be a list of input names")
+        squad = data.get("squad_v1.1_dev")
+        if squad is not None and not (
+            isinstance(squad, dict) and all(isinstance(squad.get(k), int | float) for k in ("exact_match", "f1"))
+        ):
+            raise ValueError(f"{MANIFEST_FILE}: squad_v1.1_dev must be null or {{exact_match, f1}}")
+        return cls(
+            source_revision=str(data.get("source_revision", "")),
+            quantization=str(quantization),
+            opset=int(data.get("opset", 0)),
+            inputs=tuple(inputs),
+            squad_v1_1_dev=None if squad is None else {k: float(squad[k]) for k in ("exact_match", "f1")},
+        )
+
+
+def sha256_file(path: Path) -> str:
+    """'sha256:<hex>' of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"

@@ -1,0 +1,172 @@
+"""The onnx backend: ONNX Runtime on the CPU (or CUDA where onnxruntime-gpu is installed), running the
+model.onnx that `qaserve export` wrote, float32 or with int8 weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from qaserve.runtime.backends import threads_per_replica
+from qaserve.runtime.backends.manifest import ONNX_FILE, OnnxManifest, sha256_file
+from qaserve.runtime.model import Loaded, WindowInput, WindowLogits, pad_inputs
+from qaserve.runtime.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+FED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUTS = ("start_logits", "end_logits")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def _cuda_available() -> bool:
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """model.onnx and, for models over 2 GB, its external data file."""
+    return [p for p in (directory / ONNX_FILE, directory / (ONNX_FILE + ".data")) if p.is_file()]
+
+
+class OnnxReplica:
+    """One InferenceSession with the single thread that opens it and runs its forward passes."""
+
+    def __init__(self, label: str, device: str, path: Path, pad_token_id: int, threads: int) -> None:
+        self.label = label
+        self.device = device
+        self.pad_token_id = pad_token_id
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{label}")
+        try:
+            self.session: Any = self.executor.submit(self._open, path, threads).result()
+        except BaseException:
+            self.executor.shutdown(wait=False)
+            raise
+        self.input_names = {i.name for i in self.session.get_inputs()}
+
+    def _open(self, path: Path, threads: int) -> Any:
+        options = ort.SessionOptions()
+        # One forward pass at a time per replica: its intra-op team does the work, nothing runs beside it.
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
+        if self.device.startswith("cuda"):
+            index = int(self.device.partition(":")[2] or 0)
+            providers: list[Any] = [(CUDA_PROVIDER, {"device_id": index}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as error:  # ORT's own exception types say little more than their text
+            text = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"{ONNX_FILE} could not be loaded by ONNX Runtime: {text}") from None
+        inputs = [i.name for i in session.get_inputs()]
+        unknown = [name for name in inputs if name not in FED_INPUTS]
+        if unknown or "input_ids" not in inputs:
+            raise ValueError(f"{ONNX_FILE} takes inputs {inputs}; the server feeds {', '.join(FED_INPUTS)}")
+        outputs = {o.name for o in session.get_outputs()}
+        if not set(OUTPUTS) <= outputs:
+            raise ValueError(f"{ONNX_FILE} must output {' and '.join(OUTPUTS)}; it outputs {sorted(outputs)}")
+        return session
+
+    def forward(self, windows: list[WindowInput]) -> list[WindowLogits]:
+        """One forward pass over a padded batch of windows; runs on the replica's thread."""
+        with_types = "token_type_ids" in self.input_names
+        input_ids, attention_mask, token_type_ids = pad_inputs(windows, self.pad_token_id, with_types)
+        feeds = {"input_ids": input_ids}
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = attention_mask
+        if token_type_ids is not None:
+            feeds["token_type_ids"] = token_type_ids
+        start, end = self.session.run(list(OUTPUTS), feeds)
+        start = np.asarray(start, dtype=np.float32)
+        end = np.asarray(end, dtype=np.float32)
+        return [WindowLogits(start[row, :n], end[row, :n]) for row, n in enumerate(len(w.input_ids) for w in windows)]
+
+    def close(self) -> None:
+        """Drops the session on the replica's thread and stops the thread."""
+
+        def release() -> None:
+            self.session = None
+
+        self.executor.submit(release).result()
+        self.executor.shutdown(wait=True)
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def devices(self, spec: ModelSpec) -> list[str]:
+        """cpu; cuda or cuda:N with onnxruntime-gpu (one GPU per model; 'cuda' is cuda:0); auto picks cuda where
+        the CUDA execution provider is installed."""
+        if spec.device == "cpu":
+            return ["cpu"]
+        if spec.device == "auto":
+            return ["cuda:0" if _cuda_available() else "cpu"]
+        kind, _, index = spec.device.partition(":")
+        if kind == "cuda" and (not index or index.isdigit()):
+            if not _cuda_available():
+                raise ValueError(f"device {spec.device!r} needs onnxruntime-gpu's {CUDA_PROVIDER}; it is not installed")
+            return [f"cuda:{index or 0}"]
+        raise ValueError(f"the onnx backend runs on cpu or cuda[:N], not {spec.device!r}")
+
+    def estimate_bytes(self, spec: ModelSpec) -> int:
+        """The weight files' size, once per replica (each replica holds its own session)."""
+        return sum(p.stat().st_size for p in _weight_files(Path(spec.source))) * spec.replicas_per_device
+
+    def load(self, spec: ModelSpec, *, pad_token_id: int, intra_op_threads: int) -> Loaded:
+        directory = Path(spec.source)
+        if not directory.is_dir():
+            raise ValueError("the onnx backend loads local directories only")
+        path = directory / ONNX_FILE
+        if not path.is_file():
+            raise ValueError(
+                f"the onnx backend needs {ONNX_FILE} in the model directory; make it with `qaserve export`"
+            )
+        manifest = OnnxManifest.read(directory)
+        if spec.dtype not in ("auto", manifest.dtype):
+            raise ValueError(
+                f"dtype {spec.dtype!r} does not match {ONNX_FILE}, which is {manifest.dtype} (use auto or the torch "
+                "backend)"
+            )
+        devices = self.devices(spec)
+        replicas: list[OnnxReplica] = []
+
+        def close() -> None:
+            for replica in replicas:
+                replica.close()
+            replicas.clear()
+
+        try:
+            for device in devices:
+                threads = threads_per_replica(intra_op_threads, spec.replicas_per_device, device)
+                for i in range(spec.replicas_per_device):
+                    replicas.append(OnnxReplica(f"{spec.name}-{device}-{i}", device, path, pad_token_id, threads))
+            return Loaded(
+                backend=self.name,
+                replicas=list(replicas),
+                dtype=manifest.dtype,
+                nbytes=self.estimate_bytes(spec),
+                revision=sha256_file(path),
+                max_positions=_max_positions(directory),
+                close=close,
+            )
+        except BaseException:
+            close()
+            raise
+
+
+def _max_positions(directory: Path) -> int | None:
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")
+    return value if isinstance(value, int) else None
+
+
+BACKEND = OnnxBackend()

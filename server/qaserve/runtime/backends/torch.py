@@ -1,0 +1,217 @@
+"""The torch backend: transformers' AutoModelForQuestionAnswering on CPU, CUDA or MPS in fp32/fp16/bf16, with
+exactly the logits the transformers pipeline sees."""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from qaserve.runtime.backends import threads_per_replica
+from qaserve.runtime.backends.manifest import sha256_file
+from qaserve.runtime.model import Loaded, WindowInput, WindowLogits, pad_inputs
+from qaserve.runtime.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Bytes per element of the safetensors header's dtype names, for estimates without loading.
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees a CUDA or MPS device."""
+    return bool(torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> a device that exists on this machine."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"unsupported device {spec!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available")
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA devices exist")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but MPS is not available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {spec!r}")
+    return device
+
+
+def replica_devices(spec: str) -> list[torch.device]:
+    """Devices to run replicas on: every visible GPU for 'cuda' (or 'auto' with CUDA), else the one device."""
+    if spec == "cuda" or (spec == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [resolve_device(spec)]
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """'auto' is float16 on CUDA/MPS and float32 on CPU (half precision is slow or unsupported on most CPUs)."""
+    if spec == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if spec not in DTYPES:
+        raise ValueError(f"unsupported dtype {spec!r} for the torch backend; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[spec]
+
+
+class TorchReplica:
+    """The model on one device, with the single thread that loads it, warms it up and runs its forward passes:
+    torch runs on no other thread, so no second OpenMP team competes for the cores."""
+
+    def __init__(self, label: str, device: torch.device, pad_token_id: int, threads: int) -> None:
+        self.label = label
+        self.device = str(device)
+        self.pad_token_id = pad_token_id
+        self.module: torch.nn.Module | None = None
+        self._device = device
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{label}")
+        self.executor.submit(torch.set_num_threads, threads).result()
+
+    def load(self, source: str, revision: str | None, dtype: torch.dtype) -> torch.nn.Module:
+        """Reads the weights onto this replica's device, on its thread."""
+
+        def load() -> torch.nn.Module:
+            from transformers import AutoModelForQuestionAnswering
+
+            module = AutoModelForQuestionAnswering.from_pretrained(
+                source, revision=revision, dtype=dtype, trust_remote_code=False
+            )
+            loaded: torch.nn.Module = module.eval().to(self._device)
+            return loaded
+
+        self.module = self.executor.submit(load).result()
+        return self.module
+
+    def forward(self, windows: list[WindowInput]) -> list[WindowLogits]:
+        """One forward pass over a padded batch of windows; runs on the replica's thread."""
+        assert self.module is not None, "replica closed"
+        with_types = windows[0].token_type_ids is not None
+        input_ids, attention_mask, token_type_ids = pad_inputs(windows, self.pad_token_id, with_types)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        with torch.inference_mode():
+            output = self.module(
+                **{k: torch.from_numpy(v).to(self._device, non_blocking=True) for k, v in inputs.items()}
+            )
+            start = output.start_logits.float().cpu().numpy()
+            end = output.end_logits.float().cpu().numpy()
+        return [WindowLogits(start[row, :n], end[row, :n]) for row, n in enumerate(len(w.input_ids) for w in windows)]
+
+    def close(self) -> None:
+        """Drops the weights on the replica's thread (freeing device memory) and stops the thread."""
+
+        def release() -> None:
+            self.module = None
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
+
+        self.executor.submit(release).result()
+        self.executor.shutdown(wait=True)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def devices(self, spec: ModelSpec) -> list[str]:
+        if spec.device == "cpu":
+            return ["cpu"]
+        return [str(d) for d in replica_devices(spec.device)]
+
+    def estimate_bytes(self, spec: ModelSpec) -> int:
+        """From the safetensors header (no weights read), at the dtype the model will load as."""
+        path = Path(spec.source) / "model.safetensors"
+        if not path.is_file():
+            return 0
+        device = torch.device("cpu") if spec.device == "cpu" else replica_devices(spec.device)[0]
+        element = torch.empty((), dtype=resolve_dtype(spec.dtype, device)).element_size()
+        total = 0
+        for shape, kind in _safetensors_shapes(path):
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            # Floating-point weights load at the model's dtype; integer buffers keep their size.
+            total += numel * (element if kind.startswith(("F", "BF")) else SAFETENSORS_BYTES.get(kind, 4))
+        return total
+
+    def load(self, spec: ModelSpec, *, pad_token_id: int, intra_op_threads: int) -> Loaded:
+        devices = replica_devices(spec.device)
+        dtype = resolve_dtype(spec.dtype, devices[0])
+        local = Path(spec.source).is_dir()
+        revision = None if local else spec.revision
+        replicas: list[TorchReplica] = []
+
+        def close() -> None:
+            for replica in replicas:
+                replica.close()
+            replicas.clear()
+
+        try:
+            for device in devices:
+                threads = threads_per_replica(intra_op_threads, spec.replicas_per_device, str(device))
+                module = None
+                for i in range(spec.replicas_per_device):
+                    replica = TorchReplica(f"{spec.name}-{device}-{i}", device, pad_token_id, threads)
+                    replicas.append(replica)
+                    if module is None:
+                        module = replica.load(spec.source, revision, dtype)
+                    else:
+                        replica.module = module  # replicas on one device share its weights
+            module = replicas[0].module
+            assert module is not None
+            nbytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+            config = module.config
+            max_positions = getattr(config, "max_position_embeddings", None)
+            return Loaded(
+                backend=self.name,
+                replicas=list(replicas),
+                dtype=str(dtype).removeprefix("torch."),
+                nbytes=nbytes,
+                revision=_revision(spec.source, local, str(getattr(config, "_commit_hash", None) or "unknown")),
+                max_positions=int(max_positions) if isinstance(max_positions, int) else None,
+                close=close,
+            )
+        except BaseException:
+            close()
+            raise
+
+
+def _safetensors_shapes(path: Path) -> list[tuple[list[int], str]]:
+    """(shape, dtype name) of every tensor in a safetensors file, from its JSON header."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return [(list(v["shape"]), str(v["dtype"])) for k, v in header.items() if k != "__metadata__"]
+
+
+def _revision(source: str, local: bool, commit: str) -> str:
+    """sha256 of the weights for a directory; the resolved commit for a hub model."""
+    if local:
+        for name in WEIGHT_FILES:
+            path = Path(source) / name
+            if path.is_file():
+                return sha256_file(path)
+        return "local"
+    return commit
+
+
+BACKEND = TorchBackend()
