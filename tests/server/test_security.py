@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from qaserve.api.auth import BearerTokens
 from qaserve.config import Settings, parse_settings
-from qaserve.main import QAServer, create_server
+from qaserve.server import QAServer, create_server
 from qaserve_client import AsyncQAClient, ManyItem, QAClient, QAServeError, tls_credentials
 from qaserve_client.v1 import model_service_pb2, model_service_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb

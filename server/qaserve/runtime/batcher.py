@@ -12,7 +12,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from qaserve.errors import DeadlineTooShort, QAServeError, ShuttingDown
+from qaserve.errors import DeadlineTooShort, InferenceFailed, ShuttingDown
 from qaserve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -23,13 +23,6 @@ Out = TypeVar("Out")
 # How far back in the queue a batch may reach for windows of similar length: keeps the oldest window first
 # (no starvation) and bounds the cost of choosing.
 LOOKAHEAD_BATCHES = 8
-
-
-class InferenceFailed(QAServeError):
-    """A forward pass raised; the cause is logged, never sent."""
-
-    code = "INTERNAL"
-    reason = "INFERENCE_FAILED"
 
 
 class Replica(Protocol[In, Out]):
