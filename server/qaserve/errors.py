@@ -134,7 +134,7 @@ class Unauthenticated(QAServeError):
 
 # Absolute paths (POSIX, or a Windows drive) and home-relative ones: what a load failure's text may carry of the
 # host's filesystem (the model directory, the hub cache, site-packages, temporary files).
-_PATH = re.compile(r"(?<![\w.:~/\\-])(?:~|[A-Za-z]:)?[\\/][^\s'\"`,;()<>\[\]{}]+")
+_PATH = re.compile(r"(?<![\w.:~/\\>-])(?:~|[A-Za-z]:)?[\\/][^\s'\"`,;()<>\[\]{}]+")
 
 
 def redact_host_details(text: str, sources: Iterable[str] = ()) -> str:
