@@ -3,6 +3,8 @@ a one-window context, scores past 1 and host details in load failures."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -191,3 +193,45 @@ async def test_load_failure_text_names_no_host_path(server: tuple[QAServer, grpc
         assert "failed to load" in text or info.error == text
         assert not re.search(r"(^|[\s'\"(=])(/|~/|[A-Za-z]:\\)", text), text
         assert "pytest" not in text and "tmp" not in text, text
+
+
+async def test_answer_many_items_past_admission_get_their_own_resource_exhausted(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qa_server, port = create_server(tiny_settings(tiny_model_dir, max_in_flight=1), registry=CollectorRegistry())
+    await qa_server.start()
+    registry = qa_server.engine.registry
+    real_use = registry.use
+    release = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def held_use(name: str) -> AsyncIterator[Any]:
+        await release.wait()  # the first item keeps the one admission slot until the others are refused
+        async with real_use(name) as serving:
+            yield serving
+
+    monkeypatch.setattr(registry, "use", held_use)
+    items = [
+        pb.AnswerManyRequest(id=str(i), request=pb.AnswerRequest(question=SEED_QUESTION, context=SEED_CONTEXT))
+        for i in range(6)
+    ]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            responses = {}
+            async for response in pb_grpc.QuestionAnsweringServiceStub(channel).AnswerMany(iter(items), timeout=30):
+                responses[response.id] = response
+                if len(responses) == len(items) - 1:
+                    release.set()
+    finally:
+        release.set()
+        await qa_server.stop()
+
+    refused = [r for r in responses.values() if r.WhichOneof("result") == "error"]
+    answered = [r for r in responses.values() if r.WhichOneof("result") == "response"]
+    assert (len(refused), len(answered)) == (5, 1)
+    for response in refused:
+        assert response.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        reasons = [d for d in response.error.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+        info = error_details_pb2.ErrorInfo()
+        assert reasons and reasons[0].Unpack(info) and info.reason == "OVERLOADED"
+        assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in response.error.details)
