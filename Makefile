@@ -7,7 +7,8 @@ PROTO_SRC := protos/qaserve/v1
 PROTO_PKG := client/qaserve_client/v1
 ARGS ?=
 
-.PHONY: install node-deps proto proto-check run test lint docker deploy-check bench accuracy parity reliability clean
+.PHONY: install node-deps proto proto-check proto-lint proto-breaking layers run test lint docker deploy-check bench accuracy \
+	parity reliability clean
 
 install: $(STAMP)
 
@@ -41,6 +42,38 @@ proto: $(STAMP)
 
 proto-check: proto
 	git diff --exit-code -- $(PROTO_PKG) && test -z "$$(git status --porcelain -- $(PROTO_PKG))"
+
+# buf (npm @bufbuild/buf, locked in tools/buf/package-lock.json) lints protos/ and checks it against the previous
+# commit's. It reads images: protos/ compiled with its imports by the protoc of `make proto`, so the googleapis
+# protos come from the installed googleapis-common-protos, not from a registry. BUF_AGAINST picks the git ref to
+# compare with (a PR's base branch, say).
+BUF := tools/buf/node_modules/.bin/buf
+BUF_AGAINST ?= HEAD~1
+PROTO_IMAGE = $(BIN)/python -m grpc_tools.protoc -I$(1) -I$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+	--include_imports --include_source_info --descriptor_set_out=$(2) $(1)/qaserve/v1/*.proto
+
+$(BUF): tools/buf/package.json tools/buf/package-lock.json
+	cd tools/buf && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+proto-lint: $(STAMP) $(BUF)
+	mkdir -p build/buf
+	$(call PROTO_IMAGE,protos,build/buf/current.binpb)
+	$(BUF) lint build/buf/current.binpb --config buf.yaml --path qaserve
+
+proto-breaking: $(STAMP) $(BUF)
+	@git rev-parse --verify --quiet '$(BUF_AGAINST)^{commit}' >/dev/null || \
+		{ echo "proto-breaking: no commit $(BUF_AGAINST) to compare with (fetch more history, or set BUF_AGAINST)"; exit 1; }
+	rm -rf build/buf/against && mkdir -p build/buf/against
+	$(call PROTO_IMAGE,protos,build/buf/current.binpb)
+	git archive '$(BUF_AGAINST)' protos | tar -x -C build/buf/against
+	$(call PROTO_IMAGE,build/buf/against/protos,build/buf/against.binpb)
+	$(BUF) breaking build/buf/current.binpb --against build/buf/against.binpb --config buf.yaml --path qaserve
+
+# The layering contract ([tool.importlinter] in pyproject.toml): qa/ and runtime/ free of gRPC, framework imports
+# only under runtime/backends/ and the export command, the client free of the server.
+layers: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 
 run: $(STAMP)
 	$(BIN)/qaserve serve $(ARGS)
@@ -89,5 +122,5 @@ reliability: $(STAMP)
 	PYTHONPATH=tests $(BIN)/python -m reliability $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-hf4 .pytest_cache .mypy_cache .ruff_cache build tests/polyglot/node_modules
+	rm -rf $(VENV) .venv-hf4 .pytest_cache .mypy_cache .ruff_cache build tests/polyglot/node_modules tools/buf/node_modules
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -20,12 +20,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
-from qaserve.config import EMBEDDED_MODEL, ModelSpec
-from qaserve.metrics import Metrics
+from qaserve.config import EMBEDDED_MODEL
 from qaserve.qa import QARequest
-from qaserve.runtime import BatchLimits, ModelRegistry, QAEngine
+from qaserve.runtime.spec import ModelsConfig, ModelSpec
+from qaserve.server import build_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "squad-v1.1-dev.json"
@@ -62,12 +60,11 @@ def load_questions(data: Path, limit: int | None) -> list[Question]:
 
 
 async def evaluate(model_dir: Path, questions: list[Question], concurrency: int) -> tuple[float, float, int, float]:
-    metrics = Metrics(CollectorRegistry())
-    registry = ModelRegistry([ModelSpec("eval", str(model_dir), device="cpu")], "eval", BatchLimits(), metrics)
+    models = ModelsConfig((ModelSpec("eval", str(model_dir), device="cpu"),), "eval")
     exact = f1_sum = 0.0
     started = time.perf_counter()
     with ThreadPoolExecutor(2) as executor:
-        engine = QAEngine(registry, executor=executor, metrics=metrics)
+        engine = build_engine(models, executor=executor)
         slots = asyncio.Semaphore(concurrency)
 
         async def one(question: str, context: str, golds: list[str]) -> tuple[float, float]:
@@ -82,7 +79,7 @@ async def evaluate(model_dir: Path, questions: list[Question], concurrency: int)
         for em, f in await asyncio.gather(*(one(*q) for q in questions)):
             exact += em
             f1_sum += f
-        await registry.close()
+        await engine.registry.close()
     n = len(questions)
     return 100 * exact / n, 100 * f1_sum / n, n, time.perf_counter() - started
 

@@ -56,18 +56,13 @@ def reference(model: str, data: Path, limit: int) -> None:
 
 
 async def ours(model: str, data: Path, limit: int) -> list[list[list[dict[str, Any]]]]:
-    from prometheus_client import CollectorRegistry
-
-    from qaserve.config import ModelSpec
-    from qaserve.metrics import Metrics
     from qaserve.qa import QAParams, QARequest
-    from qaserve.runtime import BatchLimits, ModelRegistry, QAEngine
+    from qaserve.runtime.spec import ModelsConfig, ModelSpec
+    from qaserve.server import build_engine
 
-    metrics = Metrics(CollectorRegistry())
-    registry = ModelRegistry([ModelSpec("m", model, device="cpu")], "m", BatchLimits(), metrics)
     out = []
     with ThreadPoolExecutor(2) as executor:
-        engine = QAEngine(registry, executor=executor, metrics=metrics)
+        engine = build_engine(ModelsConfig((ModelSpec("m", model, device="cpu"),), "m"), executor=executor)
         for params in PARAMETER_SETS:
             results = await asyncio.gather(
                 *(engine.answer(QARequest(q, c, params=QAParams(**params))) for q, c in questions(data, limit))
@@ -78,7 +73,7 @@ async def ours(model: str, data: Path, limit: int) -> list[list[list[dict[str, A
                     for r in results
                 ]
             )
-        await registry.close()
+        await engine.registry.close()
     return out
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from qaserve.main import QAServer, create_server
+from qaserve.server import QAServer, create_server
 
 from qaserve_testing import build_tiny_model, export_tiny_onnx, tiny_settings
 

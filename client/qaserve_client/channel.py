@@ -12,9 +12,15 @@ from typing import Any
 
 import grpc
 
-# The services the retry policy covers; every RPC of them may run twice (answers and model queries are pure, and
-# LoadModel/UnloadModel are idempotent).
-RETRIED_SERVICES = ("qaserve.v1.QuestionAnsweringService", "qaserve.v1.ModelService", "grpc.health.v1.Health")
+from qaserve_client.v1 import model_service_pb2, question_answering_pb2
+
+# The services the retry policy covers, named from the generated descriptors as the server names them; every RPC
+# of them may run twice (answers and model queries are pure, and LoadModel/UnloadModel are idempotent).
+RETRIED_SERVICES = (
+    question_answering_pb2.DESCRIPTOR.services_by_name["QuestionAnsweringService"].full_name,
+    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    "grpc.health.v1.Health",  # the client does not depend on grpcio-health-checking for its descriptor
+)
 AUTHORIZATION_KEY = "authorization"
 
 ChannelOption = tuple[str, str | int]

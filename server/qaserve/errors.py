@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
+# How much of a client-supplied value an error message repeats: the message also travels in the grpc-message
+# header and again inside grpc-status-details-bin, and a client refuses response headers over 16 KiB.
+ECHO_CHARS = 64
+# How many configured model names a ModelNotFound lists.
+LISTED_MODELS = 10
+
+
+def shorten(value: str, limit: int = ECHO_CHARS) -> str:
+    """`value` as an error message may repeat it: at most `limit` characters, marked when cut."""
+    return value if len(value) <= limit else f"{value[: limit - 3]}..."
+
 
 class QAServeError(Exception):
     """Base of every error a client may see; the message is safe to send."""
@@ -28,8 +42,13 @@ class ModelNotFound(QAServeError):
     code = "NOT_FOUND"
     reason = "MODEL_NOT_FOUND"
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"model {name!r} is not configured on this server")
+    def __init__(self, name: str, configured: Iterable[str] = ()) -> None:
+        names = sorted(configured)
+        listed = ", ".join(shorten(n) for n in names[:LISTED_MODELS])
+        if len(names) > LISTED_MODELS:
+            listed += f" and {len(names) - LISTED_MODELS} more"
+        hint = f"; configured models: {listed}" if names else ""
+        super().__init__(f"model {shorten(name)!r} is not configured on this server{hint}")
         self.name = name
 
 
@@ -91,3 +110,36 @@ class InferenceFailed(QAServeError):
 
     code = "INTERNAL"
     reason = "INFERENCE_FAILED"
+
+
+class MalformedRequest(QAServeError):
+    """The request bytes are not a valid message of the method's request type."""
+
+    code = "INTERNAL"
+    reason = "MALFORMED_REQUEST"
+
+    def __init__(self) -> None:
+        super().__init__("the request could not be parsed as the method's request message")
+
+
+class Unauthenticated(QAServeError):
+    """The call carries no bearer token (MISSING_TOKEN), or one the server does not accept (INVALID_TOKEN)."""
+
+    code = "UNAUTHENTICATED"
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# Absolute paths (POSIX, or a Windows drive) and home-relative ones: what a load failure's text may carry of the
+# host's filesystem (the model directory, the hub cache, site-packages, temporary files).
+_PATH = re.compile(r"(?<![\w.:~/\\>-])(?:~|[A-Za-z]:)?[\\/][^\s'\"`,;()<>\[\]{}]+")
+
+
+def redact_host_details(text: str, sources: Iterable[str] = ()) -> str:
+    """`text` without what is specific to this host: the configured `sources` (directories or hub ids) become
+    `<model source>`, and every other filesystem path (model files, the hub cache, temporary files) `<path>`."""
+    for source in sorted({s for s in sources if s}, key=len, reverse=True):
+        text = text.replace(source, "<model source>")
+    return _PATH.sub("<path>", text)

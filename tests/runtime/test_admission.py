@@ -12,9 +12,10 @@ from typing import cast
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 
-from qaserve.api.errors import ERROR_DOMAIN, to_status
+from qaserve.api.errors import ERROR_DOMAIN, error_status
 from qaserve.errors import InvalidArgument, ModelNotFound, ModelNotReady, Overloaded
 from qaserve.metrics import Metrics
 from qaserve.qa import QARequest
@@ -166,6 +167,10 @@ async def test_invalid_request_is_refused_as_invalid_even_when_full(rig: Rig) ->
         await rig.engine.answer(QARequest(question="   ", context="some context"))
 
     assert caught.value.field == "question"
+
+
+def to_status(error: Exception) -> grpc.Status:
+    return rpc_status.to_status(error_status(error, None, "test").status)
 
 
 def details_of(status: grpc.Status) -> status_pb2.Status:

@@ -8,16 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from qaserve.config import EMBEDDED_MODEL
 from qaserve.errors import InvalidArgument, ModelNotFound
-from qaserve.metrics import Metrics
 from qaserve.qa import QAParams, QARequest
-from qaserve.runtime import BatchLimits, ModelRegistry, QAEngine
+from qaserve.runtime import QAEngine
 from qaserve.runtime.backends import MANIFEST_FILE, ONNX_FILE
 from qaserve.runtime.backends.manifest import sha256_file
-from qaserve.runtime.spec import ModelSpec
+from qaserve.runtime.spec import ModelsConfig, ModelSpec
+from qaserve.server import build_engine
 
 from qaserve_testing import SEED_CONTEXT, SEED_QUESTION
 
@@ -27,11 +26,10 @@ LONG_CONTEXT = " ".join(
 
 
 async def make_engine(*specs: ModelSpec) -> AsyncIterator[QAEngine]:
-    metrics = Metrics(CollectorRegistry())
-    registry = ModelRegistry(list(specs), specs[0].name, BatchLimits(), metrics)
     with ThreadPoolExecutor(2) as executor:
-        yield QAEngine(registry, executor=executor, metrics=metrics)
-        await registry.close()
+        engine = build_engine(ModelsConfig(specs, specs[0].name), executor=executor)
+        yield engine
+        await engine.registry.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
-from qaserve.main import create_server
 from qaserve.runtime.backends import MANIFEST_FILE, ONNX_FILE, choose_backend
 from qaserve.runtime.spec import ModelSpec
+from qaserve.server import create_server
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 

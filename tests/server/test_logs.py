@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from qaserve.logs import JsonFormatter, configure_logging, request_id
-from qaserve.main import QAServer
+from qaserve.server import QAServer
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 

@@ -19,12 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qaserve.config import Settings, parse_settings
 from qaserve.errors import ModelFailed
-from qaserve.main import QAServer, create_server
 from qaserve.metrics import MODEL_STATES, Metrics
 from qaserve.runtime import BatchLimits, ModelRegistry
 from qaserve.runtime.backends import load_model
 from qaserve.runtime.model import QAModel
 from qaserve.runtime.spec import ModelSpec
+from qaserve.server import QAServer, create_server
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 

@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from qaserve.main import QAServer, create_server
+from qaserve.server import QAServer, create_server
 from qaserve_client.v1 import model_service_pb2 as mpb
 from qaserve_client.v1 import model_service_pb2_grpc as mpb_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qaserve.main import QAServer
+from qaserve.server import QAServer
 
 POLYGLOT = Path(__file__).resolve().parents[1] / "polyglot"
 NODE = shutil.which("node")

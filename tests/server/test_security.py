@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from qaserve.api.auth import BearerTokens
 from qaserve.config import Settings, parse_settings
-from qaserve.main import QAServer, create_server
+from qaserve.server import QAServer, create_server
 from qaserve_client import AsyncQAClient, ManyItem, QAClient, QAServeError, tls_credentials
 from qaserve_client.v1 import model_service_pb2, model_service_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
@@ -494,3 +494,10 @@ async def run(*command: str) -> Ran:
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     return Ran(process.returncode or 0, stdout.decode(), stderr.decode())
+
+
+async def test_per_model_health_is_readable_without_a_token(token_channel: grpc.aio.Channel) -> None:
+    reply = await health_pb2_grpc.HealthStub(token_channel).Check(
+        health_pb2.HealthCheckRequest(service="qaserve.model.tiny"), timeout=5
+    )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING

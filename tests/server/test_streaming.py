@@ -12,7 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from prometheus_client import CollectorRegistry
 
-from qaserve.main import QAServer, create_server
+from qaserve.server import QAServer, create_server
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 

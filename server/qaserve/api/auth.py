@@ -15,29 +15,15 @@ from typing import Any
 
 import grpc
 
-from qaserve.api.errors import to_status
-from qaserve.errors import QAServeError
+from qaserve.api.errors import ErrorStatus, abort, error_status
+from qaserve.api.health import OPEN_SERVICES
+from qaserve.errors import Unauthenticated
 from qaserve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# Open without a token: probes and load balancers check health, and tools discover the API by reflection; neither
-# says anything a caller could not learn from the published protos.
-OPEN_SERVICES = frozenset(
-    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
-)
 AUTHORIZATION_KEY = "authorization"
 _BEARER = "bearer "
-
-
-class Unauthenticated(QAServeError):
-    """The call carries no bearer token, or one the server does not accept."""
-
-    code = "UNAUTHENTICATED"
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def missing_token() -> Unauthenticated:
@@ -144,10 +130,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         error = self._check(details.invocation_metadata or ())
         if error is None:
             return handler
-        if self.metrics is not None:
-            self.metrics.errors.labels(error.reason).inc()
-        log.debug("rejected %s: %s", details.method, error.reason)
-        return _rejecting(handler, error)
+        return _rejecting(handler, error_status(error, self.metrics, details.method))
 
     def _check(self, metadata: Sequence[tuple[str, str | bytes]]) -> Unauthenticated | None:
         for key, value in metadata:
@@ -164,11 +147,11 @@ def _service(method: str) -> str:
     return method.lstrip("/").rpartition("/")[0]
 
 
-def _rejecting(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.RpcMethodHandler:
+def _rejecting(handler: grpc.RpcMethodHandler, error: ErrorStatus) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that aborts with `error` without running it."""
 
     async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort_with_status(to_status(error))
+        await abort(context, error)
 
     if handler.request_streaming and handler.response_streaming:
         make = grpc.stream_stream_rpc_method_handler

@@ -62,3 +62,10 @@ def answer_response(result: QAResult) -> pb.AnswerResponse:
         ),
         windows=result.windows,
     )
+
+
+def progressive_response(update: QAProgress | QAResult) -> pb.AnswerProgressiveResponse:
+    """A partial (QAProgress) or the final answer (QAResult) of AnswerProgressive."""
+    if isinstance(update, QAProgress):
+        return pb.AnswerProgressiveResponse(partial=partial_answer(update))
+    return pb.AnswerProgressiveResponse(final=answer_response(update))

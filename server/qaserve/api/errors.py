@@ -1,52 +1,98 @@
-"""The one mapping from domain errors to google.rpc.Status (code, message, error details) and gRPC status."""
+"""The error policy: any exception -> its gRPC code and google.rpc.Status, counted and logged in one place."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from qaserve.errors import InvalidArgument, Overloaded, QAServeError
+from qaserve.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "qaserve"
+INTERNAL_REASON = "INTERNAL"
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+# Safety net under every message and description sent: they travel in response headers (grpc-message and
+# grpc-status-details-bin), which clients refuse past 16 KiB. Values a client sent are already shortened at source.
+MAX_TEXT_CHARS = 1024
+
+Metadata = Sequence[tuple[str, str | bytes]]
 
 
-def rpc_status_of(error: QAServeError) -> status_pb2.Status:
-    """A domain error as google.rpc.Status with ErrorInfo, plus BadRequest or RetryInfo where they apply."""
+@dataclass(frozen=True)
+class ErrorStatus:
+    """What a client sees of an error: the gRPC code, the ErrorInfo reason and the full google.rpc.Status."""
+
+    code: grpc.StatusCode
+    reason: str
+    status: status_pb2.Status
+
+
+def error_status(error: BaseException, metrics: Metrics | None, what: str) -> ErrorStatus:
+    """Maps `error` to what the client is told, and counts it (qaserve_errors_total{reason}).
+
+    A QAServeError carries its code, reason and a message safe to send, with BadRequest or RetryInfo where they
+    apply. Anything else is a bug or a broken dependency: logged here, once, with its traceback (under `what`, the
+    RPC or item it broke), and answered with INTERNAL and a generic message; its text never leaves the server.
+    """
+    if isinstance(error, QAServeError):
+        log.debug("%s: %s %s", what, error.code, error.reason)
+        mapped = _domain_status(error)
+    else:
+        log.error("%s failed", what, exc_info=error)
+        details = [error_details_pb2.ErrorInfo(reason=INTERNAL_REASON, domain=ERROR_DOMAIN)]
+        mapped = ErrorStatus(grpc.StatusCode.INTERNAL, INTERNAL_REASON, _status("INTERNAL", INTERNAL_MESSAGE, details))
+    if metrics is not None:
+        metrics.errors.labels(mapped.reason).inc()
+    return mapped
+
+
+async def abort(context: grpc.aio.ServicerContext, error: ErrorStatus, metadata: Metadata = ()) -> NoReturn:
+    """Ends the RPC with `error` (from error_status()): code, message and details, plus `metadata` in the trailers.
+
+    Raises grpc.aio.AbortError, which grpc.aio turns into the status; handlers let it pass.
+    """
+    status = rpc_status.to_status(error.status)
+    await context.abort(status.code, status.details, (*status.trailing_metadata, *metadata))
+    raise AssertionError("context.abort() returned")  # pragma: no cover - grpc.aio always raises
+
+
+def is_abort(error: BaseException) -> bool:
+    """Whether `error` is grpc.aio ending an RPC that was already given its status (context.abort())."""
+    return isinstance(error, grpc.aio.AbortError)
+
+
+def _domain_status(error: QAServeError) -> ErrorStatus:
     details: list[Message] = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)]
     if isinstance(error, InvalidArgument):
-        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=_bounded(error.description)
+        )
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
     if isinstance(error, Overloaded):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after * 1e9))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    return _status(getattr(code_pb2, error.code), str(error), details)
+    return ErrorStatus(grpc.StatusCode[error.code], error.reason, _status(error.code, str(error), details))
 
 
-def internal_rpc_status() -> status_pb2.Status:
-    """What a client sees of an unexpected error: a generic message (the traceback goes to the log)."""
-    return _status(
-        code_pb2.INTERNAL, INTERNAL_MESSAGE, [error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN)]
-    )
-
-
-def to_status(error: QAServeError) -> grpc.Status:
-    """rpc_status_of() as the grpc.Status that context.abort_with_status() sends."""
-    return rpc_status.to_status(rpc_status_of(error))
-
-
-def internal_status() -> grpc.Status:
-    return rpc_status.to_status(internal_rpc_status())
-
-
-def _status(code: int, message: str, details: list[Message]) -> status_pb2.Status:
+def _status(code: str, message: str, details: list[Message]) -> status_pb2.Status:
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    return status_pb2.Status(code=code, message=message, details=packed)
+    return status_pb2.Status(code=grpc.StatusCode[code].value[0], message=_bounded(message), details=packed)
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 3] + "..."

@@ -16,8 +16,7 @@ from types import TracebackType
 import grpc
 
 from qaserve import logs, tracing
-from qaserve.api.errors import internal_status, to_status
-from qaserve.errors import QAServeError
+from qaserve.api.errors import ErrorStatus, abort, error_status, is_abort
 from qaserve.metrics import Metrics
 from qaserve.qa import Timing
 
@@ -31,8 +30,8 @@ _VALID_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 class RpcScope:
     """`async with RpcScope(...) as scope:` around a handler body.
 
-    A QAServeError aborts the RPC with its status and details; any other exception is logged with its traceback
-    and aborts with a generic INTERNAL. The duration is recorded under the code the client got.
+    An exception ends the RPC with the status api/errors.py maps it to (a generic INTERNAL for unexpected ones,
+    logged with their traceback). The duration is recorded under the code the client got.
 
     The request id is the client's `x-request-id` metadata or a new one; it goes back in the trailing metadata and
     into every log record of the request. At DEBUG each RPC logs one line: id, method, model, code, timings
@@ -68,28 +67,20 @@ class RpcScope:
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.metrics.in_flight.labels(self.method).dec()
-        status: grpc.Status | None = None
-        if isinstance(error, QAServeError):
-            self.code = error.code
-            self.metrics.errors.labels(error.reason).inc()
-            status = to_status(error)
-        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        failure: ErrorStatus | None = None
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             self.code = "CANCELLED"
-        elif error is not None and not _is_abort(error):
-            log.error("%s failed", self.method, exc_info=(kind, error, tb))  # type: ignore[arg-type]
-            self.code = "INTERNAL"
-            self.metrics.errors.labels("INTERNAL").inc()
-            status = internal_status()
+        elif error is not None and not is_abort(error):
+            failure = error_status(error, self.metrics, self.method)
+            self.code = failure.code.name
         duration = time.perf_counter() - self._started
         self.metrics.request_duration.labels(self.method, self.model, self.code).observe(duration)
         if log.isEnabledFor(logging.DEBUG):
             self._log(duration)
         self._reset_log_context()
-        if status is not None:
+        if failure is not None:
             # Aborting replaces the trailing metadata: the request id goes along with the status details.
-            await self.context.abort(
-                status.code, status.details, (*status.trailing_metadata, (REQUEST_ID_KEY, self.request_id))
-            )
+            await abort(self.context, failure, ((REQUEST_ID_KEY, self.request_id),))
 
     def _log(self, duration: float) -> None:
         fields: dict[str, object] = {
@@ -131,8 +122,3 @@ def _incoming_request_id(context: grpc.aio.ServicerContext) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and _VALID_REQUEST_ID.fullmatch(value):
             return value
     return ""
-
-
-def _is_abort(error: BaseException) -> bool:
-    """grpc.aio raises an AbortError out of context.abort(); it must pass through untouched."""
-    return type(error).__name__ == "AbortError"

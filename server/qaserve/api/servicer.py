@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from qaserve.api import converters
-from qaserve.api.errors import internal_rpc_status, rpc_status_of
+from qaserve.api.errors import error_status
 from qaserve.api.scope import RpcScope
-from qaserve.errors import QAServeError
+from qaserve.api.streams import fan_out
+from qaserve.errors import shorten
 from qaserve.metrics import Metrics
-from qaserve.qa import QAProgress
+from qaserve.qa import QAResult
 from qaserve.runtime import QAEngine
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
-
-log = logging.getLogger(__name__)
 
 
 class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
@@ -47,11 +44,9 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
             updates = self.engine.answer_progressive(converters.qa_request(request.request), scope.deadline())
             async with contextlib.aclosing(updates):
                 async for update in updates:
-                    if isinstance(update, QAProgress):
-                        yield pb.AnswerProgressiveResponse(partial=converters.partial_answer(update))
-                    else:
+                    if isinstance(update, QAResult):
                         scope.timing = update.timing
-                        yield pb.AnswerProgressiveResponse(final=converters.answer_response(update))
+                    yield converters.progressive_response(update)
                     sent += 1
         self.metrics.stream_items.labels("AnswerProgressive").observe(sent)
 
@@ -61,46 +56,18 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
         sent = 0
         async with self._scope("AnswerMany", context, "") as scope:
             deadline = scope.deadline()
-            # A slot per item in progress or answered but not yet taken by the client: reading stops at the bound.
-            slots = asyncio.Semaphore(self.stream_max_in_flight)
-            done: asyncio.Queue[pb.AnswerManyResponse | None] = asyncio.Queue()
-            items: set[asyncio.Task[None]] = set()
-
-            async def answer_one(item: pb.AnswerManyRequest) -> None:
-                try:
-                    result = await self.engine.answer(converters.qa_request(item.request), deadline)
-                    response = pb.AnswerManyResponse(id=item.id, response=converters.answer_response(result))
-                except QAServeError as error:
-                    self.metrics.errors.labels(error.reason).inc()
-                    response = pb.AnswerManyResponse(id=item.id, error=rpc_status_of(error))
-                except Exception:
-                    log.exception("AnswerMany item %r failed", item.id)
-                    self.metrics.errors.labels("INTERNAL").inc()
-                    response = pb.AnswerManyResponse(id=item.id, error=internal_rpc_status())
-                done.put_nowait(response)
-
-            async def read() -> None:
-                # However reading ends, the response loop hears of it: None, then `await reader` re-raises a failure
-                # (a malformed or broken request stream) so that the scope turns it into the call's status.
-                try:
-                    async for item in requests:
-                        await slots.acquire()
-                        task = asyncio.create_task(answer_one(item))
-                        items.add(task)
-                        task.add_done_callback(items.discard)
-                    while items:
-                        await asyncio.wait(set(items))
-                finally:
-                    done.put_nowait(None)
-
-            reader = asyncio.create_task(read())
-            try:
-                while (response := await done.get()) is not None:
+            responses = fan_out(requests, lambda item: self._answer_item(item, deadline), self.stream_max_in_flight)
+            async with contextlib.aclosing(responses):
+                async for response in responses:
                     yield response
                     sent += 1
-                    slots.release()
-                await reader
-            finally:
-                for task in (reader, *items):
-                    task.cancel()
         self.metrics.stream_items.labels("AnswerMany").observe(sent)
+
+    async def _answer_item(self, item: pb.AnswerManyRequest, deadline: float | None) -> pb.AnswerManyResponse:
+        """One AnswerMany item: its answer, or its error as a google.rpc.Status while the stream goes on."""
+        try:
+            result = await self.engine.answer(converters.qa_request(item.request), deadline)
+        except Exception as error:
+            failed = error_status(error, self.metrics, f"AnswerMany item {shorten(item.id)!r}")
+            return pb.AnswerManyResponse(id=item.id, error=failed.status)
+        return pb.AnswerManyResponse(id=item.id, response=converters.answer_response(result))

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from grpc_status import rpc_status
 
-from qaserve.api.errors import rpc_status_of
-from qaserve.errors import QAServeError
+from qaserve.api.errors import abort, error_status
+from qaserve.errors import MalformedRequest
 from qaserve.metrics import Metrics
-
-log = logging.getLogger(__name__)
-
-
-class MalformedRequest(QAServeError):
-    """The request bytes are not a valid message of the method's request type."""
-
-    code = "INTERNAL"
-    reason = "MALFORMED_REQUEST"
-
-    def __init__(self) -> None:
-        super().__init__("the request could not be parsed as the method's request message")
 
 
 class _Unparsed:
@@ -69,15 +55,14 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         async def requests_of(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for request in requests:
                 if request is UNPARSED:
-                    log.info("%s: a streamed request could not be parsed", method)
-                    raise MalformedRequest()
+                    raise MalformedRequest()  # RpcScope maps it, as any error of the handler
                 yield request
 
         async def first(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if streamed:
                 return requests_of(request)
             if request is UNPARSED:
-                await self._abort(context, method)
+                await abort(context, error_status(MalformedRequest(), self.metrics, method))
             return request
 
         if inspect.isasyncgenfunction(behavior):
@@ -94,8 +79,3 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
 
             return coroutine
         return None
-
-    async def _abort(self, context: grpc.aio.ServicerContext, method: str) -> None:
-        log.info("%s: request could not be parsed", method)
-        self.metrics.errors.labels(MalformedRequest.reason).inc()
-        await context.abort_with_status(rpc_status.to_status(rpc_status_of(MalformedRequest())))

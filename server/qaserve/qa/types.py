@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 from qaserve.errors import InvalidArgument
 
 MAX_TOP_K = 20
+# Characters that carry no text for a tokenizer: controls (Cc) and format characters (Cf: soft hyphen U+00AD,
+# zero-width space U+200B, joiners, BOM), besides whitespace.
+_INVISIBLE = frozenset({"Cc", "Cf"})
+VISIBLE_TEXT = "must contain a visible character (not only whitespace, control or zero-width characters)"
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether `text` holds a character that is neither whitespace nor a control or format character."""
+    return any(not c.isspace() and unicodedata.category(c) not in _INVISIBLE for c in text)
 
 
 @dataclass(frozen=True)
@@ -36,10 +46,10 @@ class QARequest:
 
     def validate(self, max_context_chars: int) -> None:
         """Checks what needs no model: non-empty text, context size, numeric ranges."""
-        if not self.question.strip():
-            raise InvalidArgument("question", "must contain a non-whitespace character")
-        if not self.context.strip():
-            raise InvalidArgument("context", "must contain a non-whitespace character")
+        if not has_visible_text(self.question):
+            raise InvalidArgument("question", VISIBLE_TEXT)
+        if not has_visible_text(self.context):
+            raise InvalidArgument("context", VISIBLE_TEXT)
         if len(self.context) > max_context_chars:
             raise InvalidArgument(
                 "context",

@@ -51,13 +51,16 @@ def resolve_params(params: QAParams, model_max_len: int) -> QAParams:
 def split_into_windows(tokenizer: Any, question: str, context: str, params: QAParams) -> Windows:
     """Tokenizes into windows of at most params.max_seq_len tokens overlapping by doc_stride.
 
-    `params` must come from resolve_params. Raises InvalidArgument when the question leaves no room for context
-    or doc_stride does not fit the room left.
+    `params` must come from resolve_params. Raises InvalidArgument when the question or the context has no
+    tokens, the question leaves no room for context, or the context needs several windows and doc_stride does
+    not fit the room left.
     """
     assert params.max_seq_len is not None
     question = question.lstrip()
     question_first = tokenizer.padding_side == "right"
     question_len = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+    if question_len == 0:
+        raise InvalidArgument("question", "has no tokens for this model's tokenizer")
     if question_len > params.max_question_len:
         raise InvalidArgument("question", f"is {question_len} tokens; max_question_len is {params.max_question_len}")
     room = params.max_seq_len - question_len - tokenizer.num_special_tokens_to_add(pair=True)
@@ -69,14 +72,10 @@ def split_into_windows(tokenizer: Any, question: str, context: str, params: QAPa
     if params.doc_stride is None:
         # The pipeline's default; kept below the room the tokenizer needs to make progress between windows.
         doc_stride = min(DEFAULT_DOC_STRIDE, params.max_seq_len // 2, room - 1)
-    elif params.doc_stride >= room:
-        raise InvalidArgument(
-            "doc_stride",
-            f"({params.doc_stride}) must be smaller than the {room} context tokens a window holds "
-            f"(max_seq_len {params.max_seq_len} minus the question and special tokens)",
-        )
     else:
-        doc_stride = params.doc_stride
+        # A stride the windows cannot hold only matters when the context needs more than one window: the
+        # pipeline's tokenizer checks it only when it splits, so a context that fits one window is answered.
+        doc_stride = min(params.doc_stride, room - 1)
 
     encoded = tokenizer(
         text=question if question_first else context,
@@ -89,6 +88,15 @@ def split_into_windows(tokenizer: Any, question: str, context: str, params: QAPa
     )
     context_index = 1 if question_first else 0
     encodings = encoded.encodings
+    if params.doc_stride is not None and params.doc_stride >= room and len(encodings) > 1:
+        raise InvalidArgument(
+            "doc_stride",
+            f"({params.doc_stride}) must be smaller than the {room} context tokens a window holds "
+            f"(max_seq_len {params.max_seq_len} minus the question and special tokens) when the context needs "
+            "more than one window",
+        )
+    if not any(seq == context_index for seq in encodings[0].sequence_ids):
+        raise InvalidArgument("context", "has no tokens for this model's tokenizer")
     cls_id = tokenizer.cls_token_id
     answer_masks = [
         [seq == context_index or token == cls_id for seq, token in zip(enc.sequence_ids, enc.ids, strict=True)]

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from qaserve.errors import ModelFailed, ModelNotFound, ModelNotReady, ModelPinned, ModelTooLarge
+from qaserve.errors import ModelFailed, ModelNotFound, ModelNotReady, ModelPinned, ModelTooLarge, redact_host_details
 from qaserve.metrics import Metrics
 from qaserve.runtime.backends import estimate_bytes, load_model, plan_devices
 from qaserve.runtime.batcher import Batcher, BatchLimits
@@ -152,7 +152,7 @@ class ModelRegistry:
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name or self.default)
         if entry is None:
-            raise ModelNotFound(name)
+            raise ModelNotFound(name, self.specs)
         return entry
 
     # -- the request path ---------------------------------------------------------------------------------------
@@ -356,7 +356,7 @@ class ModelRegistry:
 def _describe(exc: BaseException, spec: ModelSpec) -> str:
     """A load failure in one line for operators and clients, without the server's filesystem paths."""
     text = str(exc).splitlines()[0] if str(exc) else ""
-    text = text.replace(spec.source, "<model source>")
+    text = redact_host_details(text, (spec.source,))
     if len(text) > 200:
         text = text[:197] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,225 @@
+"""The server: the engine and the gRPC server built from Settings, and their lifecycle (start, drain, stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from qaserve.api import ModelServicer, QuestionAnsweringServicer
+from qaserve.api.auth import BearerTokenInterceptor, BearerTokens, ServerTLS
+from qaserve.api.health import NOT_SERVING, REFLECTED_SERVICES, SERVING, DrainingHealthServicer, ModelHealth
+from qaserve.api.wire import MalformedRequestInterceptor
+from qaserve.config import Settings, models_config
+from qaserve.metrics import Metrics, http_address
+from qaserve.qa import QAResult
+from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine, ResponseCache
+from qaserve.runtime.backends import model_loader
+from qaserve.runtime.spec import ModelsConfig
+from qaserve.tracing import Tracing
+from qaserve_client.v1 import model_service_pb2_grpc
+from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
+
+log = logging.getLogger("qaserve")
+
+
+def build_engine(
+    models: ModelsConfig,
+    *,
+    executor: Executor,
+    metrics: Metrics | None = None,
+    limits: BatchLimits | None = None,
+    max_in_flight: int = 1024,
+    max_context_chars: int = 100_000,
+    on_state: Callable[[str, ModelState], None] | None = None,
+    cache_bytes: int = 0,
+    intra_op_threads: int = 0,
+    tokenize_threads: int = 2,
+    record_stages: Callable[[QAResult, tuple[int, ...]], None] | None = None,
+) -> QAEngine:
+    """The request engine over the configured models: their registry (model cache, batchers) and admission.
+
+    Tokenizing and decoding run on `executor` (`tokenize_threads` wide: one tokenizer copy each); forward passes on
+    each replica's own thread with `intra_op_threads` (0: by the backends' rule). `cache_bytes` bounds the response
+    cache (0: none). `await engine.registry.close()` frees the models. The server, the benchmarks and the tests all
+    build it here.
+    """
+    metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
+    registry = ModelRegistry(
+        models.models,
+        default=models.default,
+        limits=limits if limits is not None else BatchLimits(),
+        metrics=metrics,
+        max_models=models.max_models,
+        max_bytes_per_device=models.max_bytes_per_device,
+        on_state=on_state,
+        loader=model_loader(intra_op_threads, tokenize_threads),
+    )
+    return QAEngine(
+        registry,
+        executor=executor,
+        metrics=metrics,
+        cache=ResponseCache(cache_bytes, metrics),
+        max_in_flight=max_in_flight,
+        max_context_chars=max_context_chars,
+        record_stages=record_stages,
+    )
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC server channel arguments: message size limits, keepalive, connection age."""
+    options = [
+        # A second server on a port in use fails to bind instead of silently sharing the port's connections.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_seconds)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_seconds)),
+        # Client pings are welcome this often, with or without calls in flight (clients detect dead servers by
+        # them); more frequent ones count as abuse and end the connection.
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(settings.keepalive_min_ping_interval_seconds)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if settings.max_connection_age_seconds > 0:
+        options += [
+            ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_seconds)),
+            ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_seconds)),
+        ]
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+class QAServer:
+    """The running pieces: gRPC server, health, engine, and the metrics endpoint."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        server: grpc.aio.Server,
+        engine: QAEngine,
+        health_servicer: DrainingHealthServicer,
+        metrics: Metrics,
+        executor: ThreadPoolExecutor,
+        health_server: grpc.aio.Server | None = None,
+    ) -> None:
+        self.settings = settings
+        self.grpc_server = server
+        self.health_server = health_server
+        self.engine = engine
+        self.health = health_servicer
+        self.metrics = metrics
+        self.metrics_port: int | None = None
+        self.port = 0
+        self.health_port: int | None = None
+        self.serving = False
+        self._executor = executor
+        self._metrics_http: object | None = None
+
+    async def start(self) -> None:
+        """Starts serving; health reports SERVING once the default model is loaded and warmed up."""
+        await self.health.set_server(NOT_SERVING)
+        await self.health.set_models(self.engine.registry.specs, NOT_SERVING)
+        await self.grpc_server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
+        if self.settings.metrics_port:
+            address = http_address(self.settings.metrics_host or self.settings.host)
+            http_server, _ = start_http_server(self.settings.metrics_port, address, self.metrics.registry)
+            self._metrics_http = http_server
+            self.metrics_port = http_server.server_port
+        await self.engine.registry.preload()
+        await self.health.set_server(SERVING)
+        self.serving = True
+        log.info("serving %s", ", ".join(self.engine.registry.specs))
+
+    async def drain(self, seconds: float, cut_short: asyncio.Event | None = None) -> None:
+        """Health NOT_SERVING (for good) while every request, new or in flight, is still served for `seconds`, or
+        until `cut_short` is set: load balancers and probes take the server out of rotation meanwhile."""
+        await self.health.enter_graceful_shutdown()
+        if cut_short is None:
+            await asyncio.sleep(seconds)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cut_short.wait(), seconds)
+        log.info("drained; %d request(s) still in flight", self.engine.in_flight)
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace, free the models."""
+        await self.health.enter_graceful_shutdown()
+        self.health.close()
+        await self.grpc_server.stop(self.settings.grace_seconds)
+        if self.health_server is not None:
+            await self.health_server.stop(None)
+        await self.engine.registry.close()
+        self._executor.shutdown(wait=False)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()  # type: ignore[attr-defined]
+
+    async def wait(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def create_server(
+    settings: Settings, registry: CollectorRegistry | None = None, tracing: Tracing | None = None
+) -> tuple[QAServer, int]:
+    """Builds the server and binds its port (0 picks a free one); `await server.start()` serves. Traces go to
+    `tracing`'s provider (None: not traced)."""
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    health_servicer = DrainingHealthServicer()
+    executor = ThreadPoolExecutor(max_workers=settings.tokenize_threads, thread_name_prefix="tokenize")
+    engine = build_engine(
+        models_config(settings),
+        executor=executor,
+        metrics=metrics,
+        limits=BatchLimits(
+            max_windows=settings.max_batch_windows,
+            max_tokens=settings.max_batch_tokens,
+            max_wait=settings.max_wait_ms / 1000.0,
+        ),
+        max_in_flight=settings.max_in_flight,
+        max_context_chars=settings.max_context_chars,
+        on_state=ModelHealth(health_servicer),
+        cache_bytes=settings.response_cache_bytes,
+        intra_op_threads=settings.intra_op_threads,
+        tokenize_threads=settings.tokenize_threads,
+        record_stages=None if tracing is None else tracing.record_stages,
+    )
+    tokens = BearerTokens.from_settings(settings.auth_tokens, settings.auth_tokens_file)
+    interceptors: list[grpc.aio.ServerInterceptor] = [] if tokens is None else [BearerTokenInterceptor(tokens, metrics)]
+    interceptors.append(MalformedRequestInterceptor(metrics))
+    if tracing is not None:  # outermost: rejected calls get their span too
+        interceptors.insert(0, tracing.server_interceptor())
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
+    pb_grpc.add_QuestionAnsweringServiceServicer_to_server(
+        QuestionAnsweringServicer(engine, metrics, settings.stream_max_in_flight), server
+    )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(engine.registry, metrics), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(REFLECTED_SERVICES, server)
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert:
+        tls = ServerTLS(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        port = server.add_secure_port(address, tls.credentials())
+    else:
+        port = server.add_insecure_port(address)
+    health_server = None
+    if settings.health_port:
+        # Plaintext and health alone: kubelet's gRPC probes speak neither TLS nor tokens.
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    qa_server = QAServer(settings, server, engine, health_servicer, metrics, executor, health_server)
+    qa_server.port = port
+    qa_server.health_port = settings.health_port or None
+    return qa_server, port
