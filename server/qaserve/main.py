@@ -16,10 +16,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from qaserve import __version__
 from qaserve.api import ModelServicer, QuestionAnsweringServicer
 from qaserve.api.auth import BearerTokenInterceptor, BearerTokens, ServerTLS
 from qaserve.api.wire import MalformedRequestInterceptor
-from qaserve.config import Settings, models_config, parse_settings
+from qaserve.config import ConfigError, Settings, models_config, parse_settings
 from qaserve.logs import configure_logging
 from qaserve.metrics import Metrics
 from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine
@@ -205,7 +206,7 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
         max_in_flight=settings.max_in_flight,
         max_context_chars=settings.max_context_chars,
     )
-    tokens = BearerTokens.from_settings(settings.auth_tokens, settings.auth_tokens_file)
+    tokens = BearerTokens.from_settings(settings.auth_tokens.get_secret_value(), settings.auth_tokens_file)
     interceptors: list[grpc.aio.ServerInterceptor] = [] if tokens is None else [BearerTokenInterceptor(tokens, metrics)]
     interceptors.append(MalformedRequestInterceptor(metrics))
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
@@ -240,7 +241,7 @@ async def serve(settings: Settings) -> int:
     """Runs until SIGINT/SIGTERM, then stops gracefully; returns the exit status (1 when start-up failed)."""
     import torch
 
-    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+    torch.set_num_threads(settings.intra_op_threads or os.cpu_count() or 1)
     try:
         server, port = create_server(settings)
     except (OSError, ValueError) as error:  # a bad models file, certificate or token file: nothing has started
@@ -295,18 +296,39 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
+USAGE = "usage: qaserve serve [--FLAG VALUE ...] | qaserve --version   (qaserve serve --help lists the flags)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `qaserve` command."""
+    """Entry point of the `qaserve` command: exit 0 after a clean stop, 2 for bad configuration (one line naming
+    the flag, variable or models-file key), 1 when the server could not start or run."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["--version"], ["-V"]):
+        print(f"qaserve {__version__}")
+        return 0
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
     if not args or args[0] != "serve":
-        print("usage: qaserve serve [options]   (qaserve serve --help lists them)", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
-    settings = parse_settings(args[1:])
+    settings = parse_settings(args[1:])  # exits 2 with one line on a bad flag or QASERVE_* value
+    try:
+        models_config(settings)  # the models file is checked before anything loads
+    except ConfigError as error:
+        print(f"qaserve serve: error: {error}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    return asyncio.run(serve(settings))
+    try:
+        return asyncio.run(serve(settings))
+    except RuntimeError as error:
+        if not str(error).startswith("Failed to bind"):  # grpc's words for a port it cannot listen on
+            raise
+        log.error("cannot listen: %s (in use, or not an address of this host)", str(error).split(";")[0])
+        return 1
 
 
 if __name__ == "__main__":

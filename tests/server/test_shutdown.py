@@ -83,7 +83,7 @@ async def server_process(tiny_model_dir: Path) -> AsyncIterator[tuple[asyncio.su
         "-m",
         "qaserve.main",
         "serve",
-        *("--model", str(tiny_model_dir), "--model-name", "tiny", "--device", "cpu", "--torch-threads", "1"),
+        *("--model", str(tiny_model_dir), "--model-name", "tiny", "--device", "cpu", "--intra-op-threads", "1"),
         *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"),
         *("--drain-seconds", "2", "--grace-seconds", "30", "--log-format", "json"),
         stdout=asyncio.subprocess.DEVNULL,
