@@ -25,7 +25,13 @@ from pydantic import (
 from pydantic.config import JsonDict
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 from pydantic_settings.sources.utils import parse_env_vars
 
 from qaserve import __version__
@@ -290,9 +296,12 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
 
 def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     """Settings from flag values (by field name) over QASERVE_* variables; ConfigError names the culprit."""
-    values = {**_EnvSource(Settings, environ)(), **flags}
+    env = _EnvSource(Settings, environ)
+    values = {**env(), **flags}
     try:
-        return Settings.model_validate(values)
+        # Only these two sources: the given environment, not os.environ. (mypy sees the fields as the only keywords.)
+        sources = (InitSettingsSource(Settings, dict(flags)), env)
+        return Settings(_build_sources=(sources, dict(flags)))  # type: ignore[call-arg]
     except ValidationError as error:
         first = error.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else ""
