@@ -76,7 +76,9 @@ class Settings(BaseSettings):
         "", description="TOML file naming the models to serve (see deploy/models.example.toml); replaces --model"
     )
     model: str = Field(
-        str(EMBEDDED_MODEL), description="model directory or hub id to serve (default: the embedded model)"
+        str(EMBEDDED_MODEL),
+        description="model directory or hub id to serve",
+        json_schema_extra={"default_text": "the embedded model (models/minilm-l6-squadshifts)"},
     )
     model_name: str = Field("", description="name clients use for --model (default: the directory name)")
     revision: str = Field("", description="hub revision (branch, tag or commit) when --model is a hub id")
@@ -270,7 +272,7 @@ def build_parser(prog: str = "qaserve serve") -> argparse.ArgumentParser:
                 help=argparse.SUPPRESS,
             )
             continue
-        allowed = "" if _kind(field) == "str" and not _choices(field) else f" ({_allowed_text(field)})"
+        allowed = f" ({_allowed_text(field)})" if _has_allowed(field) else ""
         parser.add_argument(
             flag_name(name),
             dest=name,
@@ -326,6 +328,10 @@ def _fits_max_seq_len(entry: ModelEntry) -> ModelEntry:
     return entry
 
 
+def _server(setting: str) -> JsonDict:
+    return {"default_text": f"`{flag_name(setting)}`"}
+
+
 class ModelEntry(BaseModel):
     """One [[models]] table. Unset keys (None) take the server-wide setting."""
 
@@ -334,25 +340,50 @@ class ModelEntry(BaseModel):
     name: str = Field(min_length=1, description="the name clients request; unique")
     source: str = Field(min_length=1, description="model directory (relative to the file) or hub id")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) of a hub id")
-    backend: Backend | None = Field(None, description="auto, torch or onnx (default: --backend)")
+    backend: Backend | None = Field(None, description="inference framework", json_schema_extra=_server("backend"))
     device: Device | None = Field(
-        None, description="auto, cpu, cuda, cuda:N or mps (default: --device)", json_schema_extra=DEVICES
+        None, description="device(s) of the replicas", json_schema_extra={**DEVICES, **_server("device")}
     )
-    dtype: Dtype | None = Field(None, description="auto, float32, float16, bfloat16 or int8 (default: --dtype)")
-    replicas_per_device: int | None = Field(None, ge=1, description="forward threads per device")
+    dtype: Dtype | None = Field(None, description="weights' dtype", json_schema_extra=_server("dtype"))
+    replicas_per_device: int | None = Field(
+        None, ge=1, description="forward threads per device", json_schema_extra=_server("replicas_per_device")
+    )
     pinned: bool = Field(False, description="never evicted nor unloaded")
-    preload: bool = Field(False, description="loaded before the server reports SERVING")
+    preload: bool = Field(False, description="loaded before the server reports SERVING; a failure stops the start")
     warmup: bool = Field(True, description="one forward pass per replica at load")
-    max_batch_windows: int | None = Field(None, ge=1, description="most windows per forward pass")
-    max_batch_tokens: int | None = Field(None, ge=0, description="most padded tokens per forward pass; 0 = by device")
-    max_wait_ms: float | None = Field(None, ge=0, description="longest a free replica waits for more windows")
-    max_in_flight: int | None = Field(None, ge=1, description="requests of this model admitted at once")
-    max_seq_len: int | None = Field(
-        None, ge=MIN_MAX_SEQ_LEN, description="default window length in tokens (requests may override)"
+    max_batch_windows: int | None = Field(
+        None, ge=1, description="most windows per forward pass", json_schema_extra=_server("max_batch_windows")
     )
-    doc_stride: int | None = Field(None, ge=0, description="default overlap of windows in tokens")
-    max_answer_len: int | None = Field(None, ge=1, description="default longest answer in tokens")
-    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="default number of answers")
+    max_batch_tokens: int | None = Field(
+        None, ge=0, description="most padded tokens per forward pass; 0 = by device", json_schema_extra=_server(
+            "max_batch_tokens"
+        )
+    )  # fmt: skip
+    max_wait_ms: float | None = Field(
+        None, ge=0, description="longest a free replica waits for more windows", json_schema_extra=_server(
+            "max_wait_ms"
+        )
+    )  # fmt: skip
+    max_in_flight: int | None = Field(
+        None, ge=1, description="requests of this model admitted at once, within the server's --max-in-flight",
+        json_schema_extra={"default_text": "no limit of its own"},
+    )  # fmt: skip
+    max_seq_len: int | None = Field(
+        None, ge=MIN_MAX_SEQ_LEN, description="window length in tokens of requests that set none",
+        json_schema_extra={"default_text": "384, or the model's limit"},
+    )  # fmt: skip
+    doc_stride: int | None = Field(
+        None, ge=0, description="overlap of windows in tokens, for requests that set none",
+        json_schema_extra={"default_text": "128 (at most half of max_seq_len)"},
+    )  # fmt: skip
+    max_answer_len: int | None = Field(
+        None, ge=1, description="longest answer in tokens, for requests that set none",
+        json_schema_extra={"default_text": "15"},
+    )  # fmt: skip
+    top_k: int | None = Field(
+        None, ge=1, le=MAX_TOP_K, description="answers per request, for requests that set none",
+        json_schema_extra={"default_text": "1"},
+    )  # fmt: skip
 
     _check = model_validator(mode="after")(_fits_max_seq_len)
 
@@ -362,11 +393,16 @@ class ModelsFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    default: str | None = Field(None, description="the model of requests that name none (default: the first)")
-    max_models: int | None = Field(None, ge=1, description="most models loaded at once (default: --max-models)")
-    max_bytes_per_device: int | None = Field(
-        None, ge=0, description="parameter bytes per device, 0 = no limit (default: --max-model-bytes)"
+    default: str | None = Field(
+        None, description="the model of requests that name none", json_schema_extra={"default_text": "the first"}
     )
+    max_models: int | None = Field(
+        None, ge=1, description="most models loaded at once", json_schema_extra=_server("max_models")
+    )
+    max_bytes_per_device: int | None = Field(
+        None, ge=0, description="parameter bytes of loaded models per device, 0 = no limit",
+        json_schema_extra=_server("max_model_bytes"),
+    )  # fmt: skip
     models: list[ModelEntry] = Field(min_length=1, description="one [[models]] table per model")
 
     @model_validator(mode="after")
@@ -526,6 +562,12 @@ def _metavar(field: FieldInfo) -> str:
     return {"int": "N", "number": "X", "bool": "BOOL", "str": "TEXT"}[_kind(field)]
 
 
+def _has_allowed(field: FieldInfo) -> bool:
+    """Whether a field accepts less than any string."""
+    extra = field.json_schema_extra
+    return _kind(field) != "str" or bool(_choices(field)) or (isinstance(extra, dict) and "allowed" in extra)
+
+
 def _allowed_text(field: FieldInfo) -> str:
     """What a field accepts, in words: its choices, its range, or its type."""
     extra = field.json_schema_extra
@@ -546,5 +588,28 @@ def _allowed_text(field: FieldInfo) -> str:
 
 
 def _default_text(field: FieldInfo) -> str:
+    if isinstance(field.json_schema_extra, dict) and "default_text" in field.json_schema_extra:
+        return str(field.json_schema_extra["default_text"])
     default = field.get_default()
-    return "unset" if default == "" else str(default)
+    if isinstance(default, SecretStr):
+        default = default.get_secret_value()
+    return "unset" if default in ("", None) else str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def markdown_tables() -> str:
+    """The README's tables of settings and models-file keys, made from the fields (a test keeps them equal)."""
+    rows = ["| flag | default | allowed | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        allowed = _allowed_text(field) if _has_allowed(field) else ""
+        shown = f"`{env_name(name)}` (environment only)" if is_env_only(field) else f"`{flag_name(name)}`"
+        rows.append(f"| {shown} | {_default_text(field)} | {allowed} | {field.description} |")
+    rows += ["", "| models file key | default | allowed | meaning |", "|---|---|---|---|"]
+    for model in (ModelsFile, ModelEntry):
+        for name, field in model.model_fields.items():
+            if name == "models":
+                continue
+            key = f"`[[models]]` `{name}`" if model is ModelEntry else f"`{name}`"
+            default = "required" if field.is_required() else _default_text(field)
+            allowed = _allowed_text(field) if _has_allowed(field) else ""
+            rows.append(f"| {key} | {default} | {allowed} | {field.description} |")
+    return "\n".join(rows) + "\n"
