@@ -263,7 +263,7 @@ def _settings_problems(
     """The QASERVE_* variables are settings the server accepts, and the models file parses and is in the pod."""
     pod_spec = pod["spec"]
     problems = []
-    fields = {f"QASERVE_{name.upper()}" for name in Settings.__dataclass_fields__}
+    fields = {f"QASERVE_{name.upper()}" for name in Settings.model_fields}
     for name in (e["name"] for e in container.get("env", [])):
         if name.startswith("QASERVE_") and name not in fields:
             problems.append(f"Deployment: {name} is no qaserve setting")

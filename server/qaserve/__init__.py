@@ -1,6 +1,12 @@
 """qaserve: a gRPC inference server for extractive question answering."""
 
 import os
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("qaserve")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 # OpenMP's wait policy for torch's thread teams: the one place to choose it. OpenMP reads it once, when torch first
 # starts a team, so it is set before anything imports torch; an OMP_WAIT_POLICY in the environment always wins.

@@ -8,7 +8,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from qaserve.config import Settings, parse_settings
+from qaserve import __version__
+from qaserve.config import ConfigError, Settings, models_config, parse_settings
 from qaserve.logs import configure_logging
 from qaserve.metrics import http_address
 from qaserve.server import create_server
@@ -89,22 +90,46 @@ async def _flush(tracing: Tracing | None) -> None:
         await asyncio.to_thread(tracing.shutdown)
 
 
+USAGE = (
+    "usage: qaserve serve [--FLAG VALUE ...] | qaserve export MODEL_DIR OUT_DIR [--quantize int8] | qaserve --version"
+    "   (qaserve serve --help, qaserve export --help)"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `qaserve` command."""
+    """Entry point of the `qaserve` command: exit 0 after a clean stop, 2 for bad configuration (one line naming
+    the flag, variable or models-file key), 1 when the server could not start or run."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "export":
         from qaserve.export import main as export
 
         return export(args[1:])
+    if args[:1] in (["--version"], ["-V"]):
+        print(f"qaserve {__version__}")
+        return 0
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
     if not args or args[0] != "serve":
-        print("usage: qaserve serve [options] | qaserve export MODEL_DIR OUT_DIR [options]   (--help)", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
-    settings = parse_settings(args[1:])
+    settings = parse_settings(args[1:])  # exits 2 with one line on a bad flag or QASERVE_* value
+    try:
+        models_config(settings)  # the models file is checked before anything loads
+    except ConfigError as error:
+        print(f"qaserve serve: error: {error}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    return asyncio.run(serve(settings))
+    try:
+        return asyncio.run(serve(settings))
+    except RuntimeError as error:
+        if not str(error).startswith("Failed to bind"):  # grpc's words for a port it cannot listen on
+            raise
+        log.error("cannot listen: %s (in use, or not an address of this host)", str(error).split(";")[0])
+        return 1
 
 
 if __name__ == "__main__":

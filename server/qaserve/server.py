@@ -195,7 +195,7 @@ def create_server(
         tokenize_threads=settings.tokenize_threads,
         record_stages=None if tracing is None else tracing.record_stages,
     )
-    tokens = BearerTokens.from_settings(settings.auth_tokens, settings.auth_tokens_file)
+    tokens = BearerTokens.from_settings(settings.auth_tokens.get_secret_value(), settings.auth_tokens_file)
     interceptors: list[grpc.aio.ServerInterceptor] = [] if tokens is None else [BearerTokenInterceptor(tokens, metrics)]
     interceptors.append(MalformedRequestInterceptor(metrics))
     if tracing is not None:  # outermost: rejected calls get their span too

@@ -452,7 +452,7 @@ async def test_oversized_response_is_resource_exhausted(small_messages_server: t
 
 def test_tokens_come_from_the_environment_only_and_are_redacted() -> None:
     settings = parse_settings([], environ={"QASERVE_AUTH_TOKENS": "s3cret,other"})
-    assert settings.auth_tokens == "s3cret,other"
+    assert settings.auth_tokens.get_secret_value() == "s3cret,other"
     described = settings.describe()
     assert "s3cret" not in described and "auth_tokens=<redacted>" in described
     assert "s3cret" not in repr(settings)

@@ -20,6 +20,16 @@ class ModelSpec:
     pinned: bool = False  # never evicted nor unloaded
     preload: bool = False  # loaded at start, before the server reports SERVING
     warmup: bool = True  # one forward pass per replica at load, so the first request is not the slow one
+    # Per-model overrides of server-wide settings; None = the server's (--max-batch-windows and so on).
+    max_batch_windows: int | None = None  # most windows per forward pass
+    max_batch_tokens: int | None = None  # most padded tokens per forward pass; 0 = by device
+    max_wait_ms: float | None = None  # longest a free replica waits for windows still being tokenized
+    max_in_flight: int | None = None  # requests of this model admitted at once (within the server's bound)
+    # Request parameter defaults for requests that leave them unset; None = the transformers pipeline's.
+    max_seq_len: int | None = None
+    doc_stride: int | None = None
+    max_answer_len: int | None = None
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)
