@@ -43,8 +43,8 @@ def partial_answer(progress: QAProgress) -> pb.PartialAnswer:
     )
 
 
-def answer_response(result: QAResult) -> pb.AnswerResponse:
-    """QAResult -> AnswerResponse."""
+def answer_response(result: QAResult, request_id: str = "") -> pb.AnswerResponse:
+    """QAResult -> AnswerResponse, carrying the request id of the call that answered it."""
     return pb.AnswerResponse(
         answers=answers(result.answers),
         model=pb.ModelRef(
@@ -61,4 +61,5 @@ def answer_response(result: QAResult) -> pb.AnswerResponse:
             decode_seconds=result.timing.decode,
         ),
         windows=result.windows,
+        request_id=request_id,
     )

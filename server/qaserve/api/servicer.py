@@ -37,7 +37,7 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
         async with self._scope("Answer", context, request.model) as scope:
             result = await self.engine.answer(converters.qa_request(request), deadline=scope.deadline())
             scope.timing = result.timing
-            return converters.answer_response(result)
+            return converters.answer_response(result, scope.request_id)
 
     async def AnswerProgressive(
         self, request: pb.AnswerProgressiveRequest, context: grpc.aio.ServicerContext
@@ -48,10 +48,14 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
             async with contextlib.aclosing(updates):
                 async for update in updates:
                     if isinstance(update, QAProgress):
-                        yield pb.AnswerProgressiveResponse(partial=converters.partial_answer(update))
+                        yield pb.AnswerProgressiveResponse(
+                            partial=converters.partial_answer(update), request_id=scope.request_id
+                        )
                     else:
                         scope.timing = update.timing
-                        yield pb.AnswerProgressiveResponse(final=converters.answer_response(update))
+                        yield pb.AnswerProgressiveResponse(
+                            final=converters.answer_response(update, scope.request_id), request_id=scope.request_id
+                        )
                     sent += 1
         self.metrics.stream_items.labels("AnswerProgressive").observe(sent)
 
@@ -69,14 +73,19 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
             async def answer_one(item: pb.AnswerManyRequest) -> None:
                 try:
                     result = await self.engine.answer(converters.qa_request(item.request), deadline)
-                    response = pb.AnswerManyResponse(id=item.id, response=converters.answer_response(result))
+                    answered = converters.answer_response(result, scope.request_id)
+                    response = pb.AnswerManyResponse(id=item.id, response=answered, request_id=scope.request_id)
                 except QAServeError as error:
                     self.metrics.errors.labels(error.reason).inc()
-                    response = pb.AnswerManyResponse(id=item.id, error=rpc_status_of(error))
+                    response = pb.AnswerManyResponse(
+                        id=item.id, error=rpc_status_of(error), request_id=scope.request_id
+                    )
                 except Exception:
                     log.exception("AnswerMany item %r failed", item.id)
                     self.metrics.errors.labels("INTERNAL").inc()
-                    response = pb.AnswerManyResponse(id=item.id, error=internal_rpc_status())
+                    response = pb.AnswerManyResponse(
+                        id=item.id, error=internal_rpc_status(), request_id=scope.request_id
+                    )
                 done.put_nowait(response)
 
             async def read() -> None:
