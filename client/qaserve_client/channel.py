@@ -6,11 +6,12 @@ from __future__ import annotations
 import collections
 import json
 from collections.abc import Callable, Iterable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+from qaserve_client._version import __version__
 
 # The services the retry policy covers; every RPC of them may run twice (answers and model queries are pure, and
 # LoadModel/UnloadModel are idempotent).
@@ -217,7 +218,4 @@ def _read(path: str | Path | None) -> bytes | None:
 
 
 def _user_agent() -> str:
-    try:
-        return f"qaserve-client/{metadata.version('qaserve-client')}"
-    except metadata.PackageNotFoundError:
-        return "qaserve-client"
+    return f"qaserve-client/{__version__}"

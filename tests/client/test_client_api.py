@@ -25,7 +25,7 @@ CONTEXT = "Zürich liegt am See."
 
 def test_answer_round_trip(server: FakeServer) -> None:
     with QAClient(server.target) as client:
-        result = client.answer("Where?", CONTEXT, top_k=2, model="tiny")
+        result = client.answer("Where?", CONTEXT, top_k=2, model="tiny", metadata=[("x-request-id", "req-1")])
 
     assert result == AnswerResult(
         answers=(
@@ -41,6 +41,7 @@ def test_answer_round_trip(server: FakeServer) -> None:
             decode_seconds=0.1,
         ),
         windows=1,
+        request_id="req-1",
     )
 
 

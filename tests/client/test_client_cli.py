@@ -97,16 +97,16 @@ def test_ask_missing_context_file(server: FakeServer, tmp_path: Path, capsys: py
 def test_ask_error_prints_code_and_field_violations(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["--target", server.target, "ask", "--question", "", "--context", CONTEXT])
 
-    assert status == 1
+    assert status == 64 + 3  # INVALID_ARGUMENT
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "error: INVALID_ARGUMENT: question: must contain a non-whitespace character"
     assert err[1].strip() == "question: must contain a non-whitespace character"
 
 
-def test_ask_unreachable_exits_2(unused_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ask_unreachable_exits_78(unused_target: str, capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["--target", unused_target, "ask", "--question", "Q?", "--context", CONTEXT])
 
-    assert status == 2
+    assert status == 64 + 14  # UNAVAILABLE
     assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
 
 
@@ -126,7 +126,7 @@ def test_health_of_one_service(server: FakeServer, capsys: pytest.CaptureFixture
     server.set_health("qaserve.v1.QuestionAnsweringService", health_pb2.HealthCheckResponse.SERVING)
 
     assert main(["--target", server.target, "health", "--service", "qaserve.v1.QuestionAnsweringService"]) == 0
-    assert main(["--target", server.target, "health", "--service", "no.such.Service"]) == 1
+    assert main(["--target", server.target, "health", "--service", "no.such.Service"]) == 64 + 5  # NOT_FOUND
     assert capsys.readouterr().err.startswith("error: NOT_FOUND: ")
 
 
@@ -139,8 +139,8 @@ def test_health_target_from_environment(
     assert capsys.readouterr().out.strip() == "SERVING"
 
 
-def test_health_unreachable_exits_2(unused_target: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--target", unused_target, "--timeout", "5", "health"]) == 2
+def test_health_unreachable_exits_78(unused_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--target", unused_target, "--timeout", "5", "health"]) == 78
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: UNAVAILABLE: ")
@@ -207,19 +207,19 @@ def test_ask_stream_human(server: FakeServer, capsys: pytest.CaptureFixture[str]
     assert request.top_k == 2
 
 
-def test_ask_stream_error_exits_1(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ask_stream_error_exits_67(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["--target", server.target, "ask", "--question", " ", "--context", CONTEXT, "--stream"])
 
-    assert status == 1
+    assert status == 67
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "error: INVALID_ARGUMENT: question: must contain a non-whitespace character"
 
 
-def test_ask_stream_unreachable_exits_2(unused_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ask_stream_unreachable_exits_78(unused_target: str, capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["--target", unused_target, "ask", "--question", "Q?", "--context", CONTEXT, "--stream", "--json"])
 
-    assert status == 2
-    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+    assert status == 78
+    assert json.loads(capsys.readouterr().err)["error"]["code"] == "UNAVAILABLE"
 
 
 def _write_jsonl(path: Path, *lines: object) -> Path:
@@ -252,7 +252,7 @@ def test_batch_prints_one_result_per_line(
         {"answer": "is", "score": 0.45, "start": 6, "end": 8, "byte_start": 6, "byte_end": 8},
     ]
     assert results["capital"]["model"] == {"name": "tiny", "revision": "sha256:00", "device": "cpu", "dtype": "float32"}
-    assert set(results["2"]) == {"id", "answers", "model", "timing", "windows"}
+    assert set(results["2"]) == {"id", "answers", "model", "timing", "windows", "request_id"}
     sent = {request.question: request for request in server.servicer.requests}
     assert (sent["Capital?"].top_k, sent["Capital?"].HasField("align_to_words")) == (2, False)
     assert (sent["Where?"].HasField("top_k"), sent["Where?"].align_to_words) == (False, False)
@@ -269,18 +269,23 @@ def test_batch_item_error_exits_1_after_the_other_results(
     )
 
     assert main(["--target", server.target, "batch", str(path)]) == 1
-    results = _results(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    results = _results(captured.out)
     assert results["good"]["answers"]
     assert results["bad"] == {
         "id": "bad",
         "error": {
             "code": "INVALID_ARGUMENT",
+            "code_number": 3,
             "message": "question: must contain a non-whitespace character",
             "reason": "INVALID_ARGUMENT",
             "field_violations": [{"field": "question", "description": "must contain a non-whitespace character"}],
             "retry_after": None,
+            "request_id": results["good"]["request_id"],
         },
+        "request_id": results["good"]["request_id"],
     }
+    assert captured.err.splitlines()[-1].startswith("2 items: 1 ok, 1 failed (INVALID_ARGUMENT 1) in ")
 
 
 def test_batch_reads_stdin_skips_blank_lines_and_numbers_ids(
@@ -305,10 +310,16 @@ def test_batch_reads_stdin_skips_blank_lines_and_numbers_ids(
         ("{not json", "line 2: not valid JSON"),
         ("[1, 2]", "line 2: expected a JSON object"),
         ('{"question": "Q?"}', 'line 2: missing "context"'),
-        ('{"question": "Q?", "context": "c", "top_k": "3"}', 'line 2: "top_k" must be an integer'),
-        ('{"question": "Q?", "context": "c", "top_k": true}', 'line 2: "top_k" must be an integer'),
-        ('{"question": "Q?", "context": "c", "align_to_words": 1}', 'line 2: "align_to_words" must be true or false'),
-        ('{"question": "Q?", "context": "c", "topk": 3}', "line 2: unknown field(s): topk"),
+        ('{"question": "Q?", "context": "c", "top_k": "three"}', "line 2: Failed to parse top_k field"),
+        ('{"question": "Q?", "context": "c", "top_k": true}', "line 2: Bool value True is not acceptable"),
+        ('{"question": "Q?", "context": "c", "top_k": 1.5}', "line 2: Couldn't parse integer: 1.5"),
+        ('{"question": "Q?", "context": "c", "align_to_words": 1}', "line 2: Expected true or false"),
+        ('{"question": 5, "context": "c"}', "line 2: Failed to parse question field"),
+        (
+            '{"question": "Q?", "context": "c", "topk": 3}',
+            'line 2: Message type "qaserve.v1.AnswerRequest" has no field named "topk"',
+        ),
+        ('{"id": true, "question": "Q?", "context": "c"}', 'line 2: "id" must be a string or an integer'),
         ('{"id": "a", "question": "Q?", "context": "c"}', "line 2: duplicate id 'a', first on line 1"),
     ],
 )
@@ -330,8 +341,10 @@ def test_batch_missing_file_exits_1(server: FakeServer, tmp_path: Path, capsys: 
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_batch_unreachable_exits_2(unused_target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_batch_unreachable_exits_78(unused_target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write_jsonl(tmp_path / "questions.jsonl", {"question": "Q?", "context": CONTEXT})
 
-    assert main(["--target", unused_target, "batch", str(path)]) == 2
-    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+    assert main(["--target", unused_target, "batch", str(path)]) == 78
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("1 items: 0 ok, 0 failed, 1 without a result in ")
+    assert err[1].startswith("error: UNAVAILABLE: ")
