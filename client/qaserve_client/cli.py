@@ -177,7 +177,11 @@ def _parser() -> argparse.ArgumentParser:
     for parent, default in ((parser, False), (common, argparse.SUPPRESS)):
         parent.add_argument("--json", action="store_true", default=default, help="print results and errors as JSON")
         parent.add_argument(
-            "-v", "--verbose", action="store_true", default=default, help="print each call's request id on stderr"
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=default,
+            help="print the request id of each answer and of a failure on stderr",
         )
     _add_connection_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
