@@ -6,12 +6,12 @@ from __future__ import annotations
 import collections
 import json
 from collections.abc import Callable, Iterable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from qaserve_client._version import __version__
 from qaserve_client.v1 import model_service_pb2, question_answering_pb2
 
 # The services the retry policy covers, named from the generated descriptors as the server names them; every RPC
@@ -223,7 +223,4 @@ def _read(path: str | Path | None) -> bytes | None:
 
 
 def _user_agent() -> str:
-    try:
-        return f"qaserve-client/{metadata.version('qaserve-client')}"
-    except metadata.PackageNotFoundError:
-        return "qaserve-client"
+    return f"qaserve-client/{__version__}"

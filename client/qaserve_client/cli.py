@@ -1,66 +1,154 @@
-"""The qaserve-client command line: ask a question, answer a JSONL file of questions, or check health."""
+"""The qaserve-client command line: ask a question, answer a JSONL file of questions, check health, manage models."""
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import json
 import os
+import re
 import sys
-from collections.abc import Sequence
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
+from qaserve_client._version import __version__
 from qaserve_client.channel import create_channel, tls_credentials
 from qaserve_client.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, QAClient
 from qaserve_client.errors import QAServeError
 from qaserve_client.items import ManyItem
 from qaserve_client.models import LOAD_TIMEOUT
-from qaserve_client.results import AnswerResult, Progress
+from qaserve_client.options import OPTION_NAMES, AnswerOptions, options_of_request
+from qaserve_client.results import AnswerResult, ManyResult, Progress
+from qaserve_client.v1 import question_answering_pb2 as pb
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_UNREACHABLE = 2
+EXIT_USAGE = 2
+EXIT_RPC_BASE = 64
 
-_BATCH_STR_FIELDS = ("question", "context", "model")
-_BATCH_INT_FIELDS = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "max_question_len")
-_BATCH_BOOL_FIELDS = ("handle_impossible_answer", "align_to_words")
-_BATCH_FIELDS = frozenset(("id", *_BATCH_STR_FIELDS, *_BATCH_INT_FIELDS, *_BATCH_BOOL_FIELDS))
+
+def exit_status(code: grpc.StatusCode) -> int:
+    """The exit status of a call that failed with `code`: 64 + the code's number, grpcurl's convention."""
+    number: int = code.value[0]
+    return EXIT_RPC_BASE + number
+
+
+def _exit_codes_epilog() -> str:
+    codes = [code for code in grpc.StatusCode if code != grpc.StatusCode.OK]
+    listing = [f"{exit_status(code)} {code.name}" for code in codes]
+    rows = ["  " + ", ".join(listing[i : i + 4]) for i in range(0, len(listing), 4)]
+    return "\n".join(
+        [
+            "exit status:",
+            "  0       success (health: SERVING)",
+            "  1       failed without an RPC error: an input that cannot be read or parsed, a health status other",
+            "          than SERVING, a batch in which any item failed (its summary counts them by code)",
+            "  2       usage error: a bad flag or flag value",
+            "  64 + N  the call failed with gRPC status code N (grpcurl's convention); 78 UNAVAILABLE also means",
+            "          that the server could not be reached",
+            *rows,
+            "",
+            "With --json, results go to stdout and a failure goes to stderr as one JSON object",
+            '{"error": {"code", "code_number", "message", "reason", "field_violations", "retry_after", "request_id"}}.',
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI with `argv` (default sys.argv[1:]) and returns the process exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    out = _Output(as_json=args.json, verbose=args.verbose)
     try:
         channel = _channel(args)
     except ValueError as error:
         parser.error(str(error))
     except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
+        out.failure(str(error))
         return EXIT_FAILED
+    metadata = args.header or ()
     try:
-        with channel, QAClient(channel=channel, timeout=args.timeout) as client:
-            if args.command == "health":
-                return _health(client, args)
-            if args.command == "models":
-                return _models(client, args)
-            if args.command == "batch":
-                return _batch(client, args)
-            return _ask(client, args)
+        with channel, QAClient(channel=channel, timeout=args.timeout, metadata=metadata) as client:
+            command: Callable[[QAClient, argparse.Namespace, _Output], int] = args.run
+            return command(client, args, out)
     except QAServeError as error:
+        out.rpc_failure(error)
+        return exit_status(error.code)
+
+
+class _Output:
+    """Where results, failures and request ids go: results on stdout, the rest on stderr; JSON with --json."""
+
+    def __init__(self, *, as_json: bool, verbose: bool) -> None:
+        self.as_json = as_json
+        self.verbose = verbose
+
+    def result(self, data: Any) -> None:
+        # flush=True: each line is worth seeing as it arrives, also through a pipe.
+        print(json.dumps(data), flush=True)
+
+    def failure(self, message: str) -> None:
+        """A failure that is not an RPC error."""
+        if self.as_json:
+            print(json.dumps({"error": {"message": message}}), file=sys.stderr)
+        else:
+            print(f"error: {message}", file=sys.stderr)
+
+    def rpc_failure(self, error: QAServeError) -> None:
+        if self.as_json:
+            print(json.dumps({"error": error.to_dict()}), file=sys.stderr)
+            return
         print(f"error: {error.code.name}: {error.message}", file=sys.stderr)
         for field, description in error.field_violations:
             print(f"  {field}: {description}", file=sys.stderr)
-        return _exit_status(error)
+        if error.retry_after is not None:
+            print(f"  retry after {error.retry_after:g} s", file=sys.stderr)
+        if self.verbose and error.request_id:
+            print(f"  request id: {error.request_id}", file=sys.stderr)
+
+    def request_id(self, request_id: str) -> None:
+        """Reports a call's request id with -v."""
+        if self.verbose and request_id:
+            print(f"request id: {request_id}", file=sys.stderr)
+
+
+_HEADER_NAME = re.compile(r"[0-9a-z_.-]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
+
+
+def _header(text: str) -> tuple[str, str]:
+    """KEY:VALUE -> (key, value), as gRPC metadata takes them: the key in lower case, ASCII only."""
+    key, colon, value = text.partition(":")
+    key, value = key.strip().lower(), value.strip()
+    if not colon or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY:VALUE")
+    if not _HEADER_NAME.fullmatch(key):
+        raise argparse.ArgumentTypeError(f"{key!r}: a header name holds only letters, digits, '-', '_' and '.'")
+    if key.startswith("grpc-"):
+        raise argparse.ArgumentTypeError(f"{key!r}: grpc- headers are reserved for gRPC itself")
+    if key.endswith("-bin"):
+        raise argparse.ArgumentTypeError(f"{key!r}: binary (-bin) headers are not supported")
+    if not _HEADER_VALUE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{key!r}: a header value holds only printable ASCII")
+    return key, value
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qaserve-client",
-        description="Ask a qaserve server a question or a file of questions, or check its health.",
+        description="Ask a qaserve server a question or a file of questions, check its health, manage its models.",
+        epilog=_exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"qaserve-client {__version__}")
     parser.add_argument(
         "--target",
         default=os.environ.get("QASERVE_TARGET", DEFAULT_TARGET),
@@ -75,32 +163,36 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"deadline of each call; of the whole stream for ask --stream and batch (default: {DEFAULT_TIMEOUT:g})",
     )
+    parser.add_argument(
+        "-H",
+        "--header",
+        type=_header,
+        action="append",
+        metavar="KEY:VALUE",
+        help="send this metadata with every call; repeatable. x-request-id:ID chooses the request id",
+    )
+    # Also accepted after the command (qaserve-client ask ... --json): SUPPRESS keeps a command's parser from
+    # overwriting a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    for parent, default in ((parser, False), (common, argparse.SUPPRESS)):
+        parent.add_argument("--json", action="store_true", default=default, help="print results and errors as JSON")
+        parent.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=default,
+            help="print the request id of each answer and of a failure on stderr",
+        )
     _add_connection_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    ask = commands.add_parser("ask", help="answer a question about a context")
+    ask = commands.add_parser("ask", parents=[common], help="answer a question about a context")
+    ask.set_defaults(run=_ask)
     ask.add_argument("--question", required=True, help="the question")
     context = ask.add_mutually_exclusive_group(required=True)
     context.add_argument("--context", help="the text to find the answer in")
     context.add_argument("--context-file", metavar="FILE", help="read the context from FILE (UTF-8); - for stdin")
-    ask.add_argument("--model", default="", help="configured model name (default: the server's default)")
-    ask.add_argument("--top-k", type=int, metavar="K", help="number of answers (server default: 1)")
-    ask.add_argument("--max-answer-len", type=int, metavar="N", help="longest answer, in tokens")
-    ask.add_argument("--max-seq-len", type=int, metavar="N", help="tokens per window")
-    ask.add_argument("--doc-stride", type=int, metavar="N", help="overlap between windows, in tokens")
-    ask.add_argument("--max-question-len", type=int, metavar="N", help="longest question accepted, in tokens")
-    ask.add_argument(
-        "--handle-impossible-answer", action="store_true", help="let the empty answer compete with the spans"
-    )
-    ask.add_argument(
-        "--no-align-to-words",
-        dest="align_to_words",
-        action="store_const",
-        const=False,
-        default=None,
-        help="do not widen answers to whole words",
-    )
-    ask.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_option_flags(ask)
     ask.add_argument(
         "--stream",
         action="store_true",
@@ -110,30 +202,57 @@ def _parser() -> argparse.ArgumentParser:
 
     batch = commands.add_parser(
         "batch",
+        parents=[common],
         help="answer the questions of a JSONL file over one stream, printing one JSON result per line",
         description="Sends every line of FILE over one AnswerMany stream and prints one JSON line per result, "
-        "in the order they complete: the answers, or an error. Exits 0 when all succeed, 1 when any fails.",
+        "in the order they complete: the answers, or an error. On stderr: progress while stderr is a terminal, "
+        "then a summary (items, failures by code, questions per second). Exits 0 when all succeed, 1 when any "
+        "fails.",
     )
+    batch.set_defaults(run=_batch)
     batch.add_argument(
         "file",
         metavar="FILE",
-        help='JSONL, one object per line: {"id", "question", "context"} plus optional "model", '
-        + ", ".join(f'"{name}"' for name in (*_BATCH_INT_FIELDS, *_BATCH_BOOL_FIELDS))
-        + "; id defaults to the line number; - for stdin",
+        help='JSONL, one object per line: "id" plus the proto JSON of an AnswerRequest, i.e. "question", "context" '
+        "and optionally " + ", ".join(f'"{name}"' for name in OPTION_NAMES) + "; id defaults to the line number; "
+        "- for stdin",
     )
 
-    health = commands.add_parser("health", help="print the grpc.health.v1 status; exit 0 only when SERVING")
+    health = commands.add_parser(
+        "health", parents=[common], help="print the grpc.health.v1 status; exit 0 only when SERVING"
+    )
+    health.set_defaults(run=_health)
     health.add_argument("--service", default="", help="service to check (default: the whole server)")
 
     models = commands.add_parser("models", help="list, load or unload the server's configured models")
     actions = models.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", help="every configured model with its state")
-    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing = actions.add_parser("list", parents=[common], help="every configured model with its state")
+    listing.set_defaults(run=_models)
     for action, text in (("load", "load a configured model (retries a failed one)"), ("unload", "unload a model")):
-        sub = actions.add_parser(action, help=text)
+        sub = actions.add_parser(action, parents=[common], help=text)
+        sub.set_defaults(run=_models)
         sub.add_argument("name", help="a configured model name")
-        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per AnswerOptions field: --top-k for top_k; unset flags leave the server's defaults."""
+    group = parser.add_argument_group("answer options", "Options left out take the server's defaults.")
+    hints = typing.get_type_hints(AnswerOptions)
+    for field in dataclasses.fields(AnswerOptions):
+        flag = "--" + field.name.replace("_", "-")
+        kinds = set(typing.get_args(hints[field.name])) or {hints[field.name]}
+        text, metavar = field.metadata["help"], field.metadata["metavar"]
+        if kinds == {bool}:
+            group.add_argument(flag, action="store_true", help=text)
+        elif kinds == {bool, types.NoneType}:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif kinds == {int, types.NoneType}:
+            group.add_argument(flag, type=int, metavar=metavar, help=text)
+        elif kinds == {str}:
+            group.add_argument(flag, default=field.default, metavar=metavar, help=text)
+        else:
+            raise TypeError(f"AnswerOptions.{field.name}: no command-line flag for {hints[field.name]}")
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -169,71 +288,119 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     return create_channel(args.target, credentials=credentials, token=token, server_name=args.server_name)
 
 
-def _ask(client: QAClient, args: argparse.Namespace) -> int:
+def _ask(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
     if args.context is not None:
         context: str = args.context
     else:
         try:
             context = _read_text(args.context_file)
         except (OSError, UnicodeDecodeError) as error:
-            print(f"error: cannot read context from {args.context_file}: {error}", file=sys.stderr)
+            out.failure(f"cannot read context from {args.context_file}: {error}")
             return EXIT_FAILED
-    options: dict[str, Any] = {
-        "model": args.model,
-        "top_k": args.top_k,
-        "max_answer_len": args.max_answer_len,
-        "max_seq_len": args.max_seq_len,
-        "doc_stride": args.doc_stride,
-        "max_question_len": args.max_question_len,
-        "handle_impossible_answer": args.handle_impossible_answer,
-        "align_to_words": args.align_to_words,
-    }
+    options = AnswerOptions(**{name: getattr(args, name) for name in OPTION_NAMES})
     if args.stream:
-        return _ask_stream(client, args.question, context, options, as_json=args.json)
-    result = client.answer(args.question, context, **options)
-    if args.json:
+        return _ask_stream(client, args.question, context, options, out)
+    result = client.answer(args.question, context, options)
+    if out.as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         _print_table(result)
+    out.request_id(result.request_id)
     return EXIT_OK
 
 
-def _ask_stream(client: QAClient, question: str, context: str, options: dict[str, Any], *, as_json: bool) -> int:
-    # flush=True: each update is worth seeing as it arrives, also through a pipe.
-    for update in client.answer_progressive(question, context, **options):
+def _ask_stream(client: QAClient, question: str, context: str, options: AnswerOptions, out: _Output) -> int:
+    for update in client.answer_progressive(question, context, options):
         if isinstance(update, Progress):
-            if as_json:
-                print(json.dumps({"partial": update.to_dict()}), flush=True)
+            if out.as_json:
+                out.result({"partial": update.to_dict()})
             else:
                 print(_progress_line(update), flush=True)
-        elif as_json:
-            print(json.dumps({"final": update.to_dict()}), flush=True)
         else:
-            _print_table(update)
+            if out.as_json:
+                out.result({"final": update.to_dict()})
+            else:
+                _print_table(update)
+            out.request_id(update.request_id)
     return EXIT_OK
 
 
-def _batch(client: QAClient, args: argparse.Namespace) -> int:
+def _batch(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
     try:
         text = _read_text(args.file)
     except (OSError, UnicodeDecodeError) as error:
-        print(f"error: cannot read {args.file}: {error}", file=sys.stderr)
+        out.failure(f"cannot read {args.file}: {error}")
         return EXIT_FAILED
     try:
         items = _parse_batch(text)
     except ValueError as error:
-        print(f"error: {args.file}: {error}", file=sys.stderr)
+        out.failure(f"{args.file}: {error}")
         return EXIT_FAILED
+    summary = _BatchSummary(items=len(items), show_progress=sys.stderr.isatty())
     pending = {item.id for item in items}
-    failed = False
-    for outcome in client.answer_many(items):
-        pending.discard(outcome.id)
-        failed = failed or outcome.error is not None
-        print(json.dumps(outcome.to_dict()), flush=True)
+    try:
+        for outcome in client.answer_many(items):
+            pending.discard(outcome.id)
+            out.result(outcome.to_dict())
+            summary.add(outcome)
+    finally:
+        summary.report(out)
     if pending:
-        print(f"error: the stream ended without a result for {len(pending)} item(s)", file=sys.stderr)
+        out.failure(f"the stream ended without a result for {len(pending)} item(s)")
         return EXIT_FAILED
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+class _BatchSummary:
+    """Counts a batch's outcomes; shows progress on a terminal and reports the totals on stderr."""
+
+    def __init__(self, *, items: int, show_progress: bool) -> None:
+        self.items = items
+        self.show_progress = show_progress
+        self.ok = 0
+        self.failed = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.request_id = ""
+        self._started = time.monotonic()
+
+    def add(self, outcome: ManyResult) -> None:
+        self.request_id = self.request_id or outcome.request_id
+        if outcome.error is None:
+            self.ok += 1
+        else:
+            self.failed += 1
+            self.errors[outcome.error.code.name] += 1
+        if self.show_progress:
+            print(f"\r{self.ok + self.failed}/{self.items} answered, {self.failed} failed", end="", file=sys.stderr)
+            sys.stderr.flush()
+
+    def report(self, out: _Output) -> None:
+        if self.show_progress:
+            print("\r\x1b[K", end="", file=sys.stderr)  # clear the progress line
+        seconds = time.monotonic() - self._started
+        done = self.ok + self.failed
+        rate = done / seconds if seconds > 0 else 0.0
+        if out.as_json:
+            summary = {
+                "items": self.items,
+                "ok": self.ok,
+                "failed": self.failed,
+                "errors": dict(self.errors),
+                "without_result": self.items - done,
+                "seconds": round(seconds, 3),
+                "questions_per_second": round(rate, 2),
+                "request_id": self.request_id or None,
+            }
+            print(json.dumps({"summary": summary}), file=sys.stderr)
+            return
+        by_code = ", ".join(f"{code} {count}" for code, count in sorted(self.errors.items()))
+        failed = f"{self.failed} failed" + (f" ({by_code})" if by_code else "")
+        missing = f", {self.items - done} without a result" if done < self.items else ""
+        print(
+            f"{self.items} items: {self.ok} ok, {failed}{missing} in {seconds:.2f} s, {rate:.1f} questions/s",
+            file=sys.stderr,
+        )
+        out.request_id(self.request_id)
 
 
 def _parse_batch(text: str) -> list[ManyItem]:
@@ -256,60 +423,43 @@ def _parse_batch(text: str) -> list[ManyItem]:
 
 
 def _batch_item(line: str, number: int) -> ManyItem:
+    """One line: "id" plus the proto JSON of an AnswerRequest, which json_format checks field by field."""
     try:
         data = json.loads(line)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise ValueError("expected a JSON object")
-    unknown = sorted(set(data) - _BATCH_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown field(s): {', '.join(unknown)}")
-    item_id = data.get("id", number)
-    # bool is an int in Python but not an id, nor a count in the integer options below.
+    item_id = data.pop("id", number)
+    # bool is an int in Python but not an id.
     if isinstance(item_id, bool) or not isinstance(item_id, str | int):
         raise ValueError('"id" must be a string or an integer')
     for name in ("question", "context"):
         if name not in data:
             raise ValueError(f'missing "{name}"')
-    for name in _BATCH_STR_FIELDS:
-        if name in data and not isinstance(data[name], str):
-            raise ValueError(f'"{name}" must be a string')
-    for name in _BATCH_INT_FIELDS:
-        if data.get(name) is not None and (isinstance(data[name], bool) or not isinstance(data[name], int)):
-            raise ValueError(f'"{name}" must be an integer')
-    for name in _BATCH_BOOL_FIELDS:
-        if data.get(name) is not None and not isinstance(data[name], bool):
-            raise ValueError(f'"{name}" must be true or false')
-    return ManyItem(
-        id=str(item_id),
-        question=data["question"],
-        context=data["context"],
-        model=data.get("model", ""),
-        top_k=data.get("top_k"),
-        max_answer_len=data.get("max_answer_len"),
-        max_seq_len=data.get("max_seq_len"),
-        doc_stride=data.get("doc_stride"),
-        max_question_len=data.get("max_question_len"),
-        handle_impossible_answer=data.get("handle_impossible_answer") or False,
-        align_to_words=data.get("align_to_words"),
-    )
+    request = pb.AnswerRequest()
+    try:
+        json_format.ParseDict(data, request)
+    except json_format.ParseError as error:
+        # The message names the field; the first line is enough (an unknown field also lists every known one).
+        raise ValueError(str(error).split("\n")[0]) from None
+    return ManyItem.of(str(item_id), request.question, request.context, options_of_request(request))
 
 
-def _health(client: QAClient, args: argparse.Namespace) -> int:
+def _health(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
     status = client.health(args.service)
-    print(status)
+    print(json.dumps({"status": status}) if out.as_json else status)
     return EXIT_OK if status == "SERVING" else EXIT_FAILED
 
 
-def _models(client: QAClient, args: argparse.Namespace) -> int:
+def _models(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
     if args.action == "list":
         infos = client.list_models()
     elif args.action == "load":
         infos = [client.load_model(args.name, timeout=max(args.timeout, LOAD_TIMEOUT))]
     else:
         infos = [client.unload_model(args.name, timeout=max(args.timeout, LOAD_TIMEOUT))]
-    if args.json:
+    if out.as_json:
         print(json.dumps([info.to_dict() for info in infos] if args.action == "list" else infos[0].to_dict()))
         return EXIT_OK
     print(f"{'name':<24} {'state':<9} {'default':<7} {'pinned':<6} {'devices':<12} {'MB':>8}  error")
@@ -346,11 +496,3 @@ def _print_table(result: AnswerResult) -> None:
     for answer, span in zip(result.answers, spans, strict=True):
         text = answer.answer if answer.answer else "(no answer)"
         print(f"{answer.score:<8.4f}{span:<{width + 2}}{text}")
-
-
-def _exit_status(error: QAServeError) -> int:
-    # UNAVAILABLE without an ErrorInfo reason comes from the transport (nothing listening, connection
-    # refused), not from a qaserve server, which always names its reason (MODEL_NOT_READY, SHUTTING_DOWN).
-    if error.code == grpc.StatusCode.UNAVAILABLE and error.reason is None:
-        return EXIT_UNREACHABLE
-    return EXIT_FAILED

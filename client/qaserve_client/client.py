@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Generator, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, TypeVar, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qaserve_client.channel import create_aio_channel, create_channel
-from qaserve_client.converters import (
-    build_many_request,
-    build_request,
-    result_from_many,
-    result_from_response,
-    update_from_progressive,
-)
+from qaserve_client.converters import many_request, result_from_many, result_from_response, update_from_progressive
 from qaserve_client.errors import QAServeError, error_from_rpc
 from qaserve_client.items import ManyItem
 from qaserve_client.models import LOAD_TIMEOUT, ModelInfo, model_info
+from qaserve_client.options import AnswerOptions, AnswerOptionsFields, answer_request, resolve_options
 from qaserve_client.results import AnswerResult, ManyResult, Progress
 from qaserve_client.v1 import model_service_pb2 as models_pb
 from qaserve_client.v1 import model_service_pb2_grpc as models_pb_grpc
@@ -29,6 +34,11 @@ from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT = 10.0
+
+Metadata = Sequence[tuple[str, str]]
+"""gRPC metadata: (key, value) pairs, keys in lower case; `x-request-id` chooses the call's request id."""
+
+_R = TypeVar("_R")
 
 
 class ClientTimeout(enum.Enum):
@@ -46,12 +56,14 @@ def _status_name(response: health_pb2.HealthCheckResponse) -> str:
     return name
 
 
-def _stream_deadline(timeout: float | ClientTimeout | None, client_timeout: float) -> float | None:
-    return client_timeout if timeout is CLIENT_TIMEOUT else timeout
-
-
 def _no_final_answer() -> QAServeError:
     return QAServeError(grpc.StatusCode.INTERNAL, "the AnswerProgressive stream ended without a final answer")
+
+
+def _progressive_request(
+    question: str, context: str, options: AnswerOptions | None, fields: AnswerOptionsFields
+) -> pb.AnswerProgressiveRequest:
+    return pb.AnswerProgressiveRequest(request=answer_request(question, context, resolve_options(options, fields)))
 
 
 class _ManyRequests:
@@ -67,14 +79,14 @@ class _ManyRequests:
     def of(self, items: Iterable[ManyItem]) -> Iterator[pb.AnswerManyRequest]:
         try:
             for item in items:
-                yield build_many_request(item)
+                yield many_request(item)
         except Exception as error:
             self._error = error
 
     async def of_async(self, items: AsyncIterable[ManyItem]) -> AsyncIterator[pb.AnswerManyRequest]:
         try:
             async for item in items:
-                yield build_many_request(item)
+                yield many_request(item)
         except Exception as error:
             self._error = error
 
@@ -83,12 +95,47 @@ class _ManyRequests:
             raise self._error
 
 
-class QAClient:
+class _Client:
+    """What QAClient and AsyncQAClient share: stubs, deadlines and the metadata every call carries."""
+
+    def __init__(
+        self, channel: grpc.Channel | grpc.aio.Channel, timeout: float, owns_channel: bool, metadata: Metadata
+    ) -> None:
+        self._timeout = timeout
+        self._owns_channel = owns_channel
+        self._metadata = tuple(metadata)
+        self._stub = pb_grpc.QuestionAnsweringServiceStub(channel)
+        self._health_stub = health_pb2_grpc.HealthStub(channel)
+        self._models_stub = models_pb_grpc.ModelServiceStub(channel)
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self._timeout if timeout is None else timeout
+
+    def _stream_deadline(self, timeout: float | ClientTimeout | None) -> float | None:
+        return self._timeout if timeout is CLIENT_TIMEOUT else timeout
+
+    def _call_metadata(self, metadata: Metadata) -> tuple[tuple[str, str], ...] | None:
+        return (*self._metadata, *metadata) or None
+
+
+_CONNECT_DOC = """Connects to `target`: "host:port", or "dns:///name:port" to spread calls over every address of the
+        name (round_robin); calls failing with UNAVAILABLE are retried (see qaserve_client.channel).
+
+        Over TLS when `credentials` are given (tls_credentials(ca_file, cert_file, key_file)); `token` is sent
+        as `authorization: Bearer <token>` on every call, and `metadata` (key, value) pairs too. A `channel`
+        passed in is used instead of `target`, `credentials` and `token`; it stays open on close(), since its
+        owner may share it.
+        """
+
+
+class QAClient(_Client):
     """Blocking client for a qaserve server.
 
     Every call carries a deadline: the call's `timeout` argument or else the client's `timeout`, in seconds;
     for the streaming calls it bounds the whole stream, and they alone accept timeout=None for no deadline.
-    Failed calls raise QAServeError. Use as a context manager, or call close(), to release the channel.
+    Every call also takes `metadata`, sent after the client's own: [("x-request-id", "...")] chooses the id
+    that the result's `request_id` and the server's logs carry. Failed calls raise QAServeError. Use as a
+    context manager, or call close(), to release the channel.
     """
 
     def __init__(
@@ -99,75 +146,44 @@ class QAClient:
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        metadata: Metadata = (),
     ) -> None:
-        """Connects to `target`: "host:port", or "dns:///name:port" to spread calls over every address of the
-        name (round_robin); calls failing with UNAVAILABLE are retried (see qaserve_client.channel).
-
-        Over TLS when `credentials` are given (tls_credentials(ca_file, cert_file, key_file)); `token` is sent
-        as `authorization: Bearer <token>` on every call. A `channel` passed in is used instead of `target`,
-        `credentials` and `token`; it stays open on close(), since its owner may share it.
-        """
-        self._timeout = timeout
-        self._owns_channel = channel is None
+        owns_channel = channel is None
         if channel is None:
             channel = create_channel(target, credentials=credentials, token=token)
         self._channel = channel
-        self._stub = pb_grpc.QuestionAnsweringServiceStub(channel)
-        self._health_stub = health_pb2_grpc.HealthStub(channel)
-        self._models_stub = models_pb_grpc.ModelServiceStub(channel)
+        super().__init__(channel, timeout, owns_channel, metadata)
+
+    __init__.__doc__ = _CONNECT_DOC
 
     def answer(
         self,
         question: str,
         context: str,
+        options: AnswerOptions | None = None,
         *,
-        model: str = "",
-        top_k: int | None = None,
-        max_answer_len: int | None = None,
-        max_seq_len: int | None = None,
-        doc_stride: int | None = None,
-        max_question_len: int | None = None,
-        handle_impossible_answer: bool = False,
-        align_to_words: bool | None = None,
         timeout: float | None = None,
+        metadata: Metadata = (),
+        **fields: Unpack[AnswerOptionsFields],
     ) -> AnswerResult:
         """Answers `question` from `context` with the best spans, highest score first.
 
-        An option left None is not sent, and the server applies its documented default. `model` "" selects
-        the server's default model; `timeout` None uses the client's.
+        `options` and the AnswerOptions fields given as keyword arguments (top_k=3, model="name") say how;
+        keyword arguments win. An option left None is not sent, and the server applies its documented default.
+        `timeout` None uses the client's.
         """
-        request = build_request(
-            question,
-            context,
-            model=model,
-            top_k=top_k,
-            max_answer_len=max_answer_len,
-            max_seq_len=max_seq_len,
-            doc_stride=doc_stride,
-            max_question_len=max_question_len,
-            handle_impossible_answer=handle_impossible_answer,
-            align_to_words=align_to_words,
-        )
-        try:
-            response: pb.AnswerResponse = self._stub.Answer(request, timeout=self._deadline(timeout))
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-        return result_from_response(response)
+        request = answer_request(question, context, resolve_options(options, fields))
+        return result_from_response(self._unary(self._stub.Answer, request, timeout, metadata))
 
     def answer_progressive(
         self,
         question: str,
         context: str,
+        options: AnswerOptions | None = None,
         *,
-        model: str = "",
-        top_k: int | None = None,
-        max_answer_len: int | None = None,
-        max_seq_len: int | None = None,
-        doc_stride: int | None = None,
-        max_question_len: int | None = None,
-        handle_impossible_answer: bool = False,
-        align_to_words: bool | None = None,
         timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,
+        metadata: Metadata = (),
+        **fields: Unpack[AnswerOptionsFields],
     ) -> Generator[Progress | AnswerResult, None, None]:
         """Answers like answer(), yielding a Progress after each group of scored windows, then the AnswerResult.
 
@@ -179,21 +195,10 @@ class QAClient:
         no deadline (unlike answer(), where None means the client's timeout). A failed call raises
         QAServeError from the iterator, possibly after some Progress items.
         """
-        request = pb.AnswerProgressiveRequest(
-            request=build_request(
-                question,
-                context,
-                model=model,
-                top_k=top_k,
-                max_answer_len=max_answer_len,
-                max_seq_len=max_seq_len,
-                doc_stride=doc_stride,
-                max_question_len=max_question_len,
-                handle_impossible_answer=handle_impossible_answer,
-                align_to_words=align_to_words,
-            )
+        request = _progressive_request(question, context, options, fields)
+        call = self._stub.AnswerProgressive(
+            request, timeout=self._stream_deadline(timeout), metadata=self._call_metadata(metadata)
         )
-        call = self._stub.AnswerProgressive(request, timeout=_stream_deadline(timeout, self._timeout))
         try:
             for response in call:
                 update = update_from_progressive(response)
@@ -213,6 +218,7 @@ class QAClient:
         items: Iterable[ManyItem],
         *,
         timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,
+        metadata: Metadata = (),
     ) -> Generator[ManyResult, None, None]:
         """Answers every item on one AnswerMany stream, yielding a ManyResult for each as soon as it is ready.
 
@@ -227,7 +233,9 @@ class QAClient:
         starts on the first next(); closing the iterator early cancels it.
         """
         requests = _ManyRequests()
-        call = self._stub.AnswerMany(requests.of(items), timeout=_stream_deadline(timeout, self._timeout))
+        call = self._stub.AnswerMany(
+            requests.of(items), timeout=self._stream_deadline(timeout), metadata=self._call_metadata(metadata)
+        )
         try:
             for response in call:
                 requests.raise_error()
@@ -238,46 +246,30 @@ class QAClient:
         finally:
             call.cancel()
 
-    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+    def list_models(self, *, timeout: float | None = None, metadata: Metadata = ()) -> list[ModelInfo]:
         """Every model the server is configured with, the default first."""
-        try:
-            response = self._models_stub.ListModels(models_pb.ListModelsRequest(), timeout=self._deadline(timeout))
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
+        response = self._unary(self._models_stub.ListModels, models_pb.ListModelsRequest(), timeout, metadata)
         return [model_info(m) for m in response.models]
 
-    def get_model(self, name: str = "", *, timeout: float | None = None) -> ModelInfo:
+    def get_model(self, name: str = "", *, timeout: float | None = None, metadata: Metadata = ()) -> ModelInfo:
         """One configured model ("" = the default)."""
-        try:
-            response = self._models_stub.GetModel(models_pb.GetModelRequest(name=name), timeout=self._deadline(timeout))
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-        return model_info(response.model)
+        request = models_pb.GetModelRequest(name=name)
+        return model_info(self._unary(self._models_stub.GetModel, request, timeout, metadata).model)
 
-    def load_model(self, name: str = "", *, timeout: float = LOAD_TIMEOUT) -> ModelInfo:
+    def load_model(self, name: str = "", *, timeout: float = LOAD_TIMEOUT, metadata: Metadata = ()) -> ModelInfo:
         """Loads a configured model (retrying a failed one) and returns it once ready."""
-        try:
-            response = self._models_stub.LoadModel(models_pb.LoadModelRequest(name=name), timeout=timeout)
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-        return model_info(response.model)
+        request = models_pb.LoadModelRequest(name=name)
+        return model_info(self._unary(self._models_stub.LoadModel, request, timeout, metadata).model)
 
-    def unload_model(self, name: str, *, timeout: float = LOAD_TIMEOUT) -> ModelInfo:
+    def unload_model(self, name: str, *, timeout: float = LOAD_TIMEOUT, metadata: Metadata = ()) -> ModelInfo:
         """Unloads a model once its in-flight requests finish; a pinned model refuses (FAILED_PRECONDITION)."""
-        try:
-            response = self._models_stub.UnloadModel(models_pb.UnloadModelRequest(name=name), timeout=timeout)
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-        return model_info(response.model)
+        request = models_pb.UnloadModelRequest(name=name)
+        return model_info(self._unary(self._models_stub.UnloadModel, request, timeout, metadata).model)
 
-    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+    def health(self, service: str = "", *, timeout: float | None = None, metadata: Metadata = ()) -> str:
         """Returns the grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
-        try:
-            response: health_pb2.HealthCheckResponse = self._health_stub.Check(request, timeout=self._deadline(timeout))
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-        return _status_name(response)
+        return _status_name(self._unary(self._health_stub.Check, request, timeout, metadata))
 
     def close(self) -> None:
         """Closes the channel if this client created it."""
@@ -295,11 +287,14 @@ class QAClient:
     ) -> None:
         self.close()
 
-    def _deadline(self, timeout: float | None) -> float:
-        return self._timeout if timeout is None else timeout
+    def _unary(self, method: Callable[..., _R], request: object, timeout: float | None, metadata: Metadata) -> _R:
+        try:
+            return method(request, timeout=self._deadline(timeout), metadata=self._call_metadata(metadata))
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
 
 
-class AsyncQAClient:
+class AsyncQAClient(_Client):
     """asyncio client for a qaserve server, over grpc.aio; the same API as QAClient with awaitable calls.
 
     The streaming calls return async iterators, for `async for`.
@@ -315,76 +310,39 @@ class AsyncQAClient:
         channel: grpc.aio.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        metadata: Metadata = (),
     ) -> None:
-        """Connects to `target`: "host:port", or "dns:///name:port" to spread calls over every address of the
-        name (round_robin); calls failing with UNAVAILABLE are retried (see qaserve_client.channel).
-
-        Over TLS when `credentials` are given (tls_credentials(ca_file, cert_file, key_file)); `token` is sent
-        as `authorization: Bearer <token>` on every call. A `channel` passed in is used instead of `target`,
-        `credentials` and `token`; it stays open on close(), since its owner may share it.
-        """
-        self._timeout = timeout
-        self._owns_channel = channel is None
+        owns_channel = channel is None
         if channel is None:
             channel = create_aio_channel(target, credentials=credentials, token=token)
         self._channel = channel
-        self._stub = pb_grpc.QuestionAnsweringServiceStub(channel)
-        self._health_stub = health_pb2_grpc.HealthStub(channel)
-        self._models_stub = models_pb_grpc.ModelServiceStub(channel)
+        super().__init__(channel, timeout, owns_channel, metadata)
+
+    __init__.__doc__ = _CONNECT_DOC
 
     async def answer(
         self,
         question: str,
         context: str,
+        options: AnswerOptions | None = None,
         *,
-        model: str = "",
-        top_k: int | None = None,
-        max_answer_len: int | None = None,
-        max_seq_len: int | None = None,
-        doc_stride: int | None = None,
-        max_question_len: int | None = None,
-        handle_impossible_answer: bool = False,
-        align_to_words: bool | None = None,
-        # A gRPC deadline that travels to the server; a local asyncio.timeout would not.
         timeout: float | None = None,  # noqa: ASYNC109
+        metadata: Metadata = (),
+        **fields: Unpack[AnswerOptionsFields],
     ) -> AnswerResult:
-        """Answers `question` from `context` with the best spans, highest score first.
-
-        An option left None is not sent, and the server applies its documented default. `model` "" selects
-        the server's default model; `timeout` None uses the client's.
-        """
-        request = build_request(
-            question,
-            context,
-            model=model,
-            top_k=top_k,
-            max_answer_len=max_answer_len,
-            max_seq_len=max_seq_len,
-            doc_stride=doc_stride,
-            max_question_len=max_question_len,
-            handle_impossible_answer=handle_impossible_answer,
-            align_to_words=align_to_words,
-        )
-        try:
-            response: pb.AnswerResponse = await self._stub.Answer(request, timeout=self._deadline(timeout))
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-        return result_from_response(response)
+        """Answers `question` from `context` with the best spans, highest score first; see QAClient.answer."""
+        request = answer_request(question, context, resolve_options(options, fields))
+        return result_from_response(await self._unary(self._stub.Answer, request, timeout, metadata))
 
     async def answer_progressive(
         self,
         question: str,
         context: str,
+        options: AnswerOptions | None = None,
         *,
-        model: str = "",
-        top_k: int | None = None,
-        max_answer_len: int | None = None,
-        max_seq_len: int | None = None,
-        doc_stride: int | None = None,
-        max_question_len: int | None = None,
-        handle_impossible_answer: bool = False,
-        align_to_words: bool | None = None,
         timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,  # noqa: ASYNC109
+        metadata: Metadata = (),
+        **fields: Unpack[AnswerOptionsFields],
     ) -> AsyncGenerator[Progress | AnswerResult, None]:
         """Answers like answer(), yielding a Progress after each group of scored windows, then the AnswerResult.
 
@@ -396,21 +354,10 @@ class AsyncQAClient:
         no deadline (unlike answer(), where None means the client's timeout). A failed call raises
         QAServeError from the iterator, possibly after some Progress items.
         """
-        request = pb.AnswerProgressiveRequest(
-            request=build_request(
-                question,
-                context,
-                model=model,
-                top_k=top_k,
-                max_answer_len=max_answer_len,
-                max_seq_len=max_seq_len,
-                doc_stride=doc_stride,
-                max_question_len=max_question_len,
-                handle_impossible_answer=handle_impossible_answer,
-                align_to_words=align_to_words,
-            )
+        request = _progressive_request(question, context, options, fields)
+        call = self._stub.AnswerProgressive(
+            request, timeout=self._stream_deadline(timeout), metadata=self._call_metadata(metadata)
         )
-        call = self._stub.AnswerProgressive(request, timeout=_stream_deadline(timeout, self._timeout))
         try:
             async for response in call:
                 update = update_from_progressive(response)
@@ -430,6 +377,7 @@ class AsyncQAClient:
         items: Iterable[ManyItem] | AsyncIterable[ManyItem],
         *,
         timeout: float | ClientTimeout | None = CLIENT_TIMEOUT,  # noqa: ASYNC109
+        metadata: Metadata = (),
     ) -> AsyncGenerator[ManyResult, None]:
         """Answers every item on one AnswerMany stream, yielding a ManyResult for each as soon as it is ready.
 
@@ -445,7 +393,9 @@ class AsyncQAClient:
         """
         requests = _ManyRequests()
         request_iterator = requests.of_async(items) if isinstance(items, AsyncIterable) else requests.of(items)
-        call = self._stub.AnswerMany(request_iterator, timeout=_stream_deadline(timeout, self._timeout))
+        call = self._stub.AnswerMany(
+            request_iterator, timeout=self._stream_deadline(timeout), metadata=self._call_metadata(metadata)
+        )
         try:
             async for response in call:
                 requests.raise_error()
@@ -456,52 +406,60 @@ class AsyncQAClient:
         finally:
             call.cancel()
 
-    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:  # noqa: ASYNC109
+    async def list_models(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        metadata: Metadata = (),
+    ) -> list[ModelInfo]:
         """Every model the server is configured with, the default first."""
-        try:
-            response = await self._models_stub.ListModels(
-                models_pb.ListModelsRequest(), timeout=self._deadline(timeout)
-            )
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
+        request = models_pb.ListModelsRequest()
+        response = await self._unary(self._models_stub.ListModels, request, timeout, metadata)
         return [model_info(m) for m in response.models]
 
-    async def get_model(self, name: str = "", *, timeout: float | None = None) -> ModelInfo:  # noqa: ASYNC109
+    async def get_model(
+        self,
+        name: str = "",
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        metadata: Metadata = (),
+    ) -> ModelInfo:
         """One configured model ("" = the default)."""
-        try:
-            response = await self._models_stub.GetModel(
-                models_pb.GetModelRequest(name=name), timeout=self._deadline(timeout)
-            )
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-        return model_info(response.model)
+        request = models_pb.GetModelRequest(name=name)
+        return model_info((await self._unary(self._models_stub.GetModel, request, timeout, metadata)).model)
 
-    async def load_model(self, name: str = "", *, timeout: float = LOAD_TIMEOUT) -> ModelInfo:  # noqa: ASYNC109
+    async def load_model(
+        self,
+        name: str = "",
+        *,
+        timeout: float = LOAD_TIMEOUT,  # noqa: ASYNC109
+        metadata: Metadata = (),
+    ) -> ModelInfo:
         """Loads a configured model (retrying a failed one) and returns it once ready."""
-        try:
-            response = await self._models_stub.LoadModel(models_pb.LoadModelRequest(name=name), timeout=timeout)
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-        return model_info(response.model)
+        request = models_pb.LoadModelRequest(name=name)
+        return model_info((await self._unary(self._models_stub.LoadModel, request, timeout, metadata)).model)
 
-    async def unload_model(self, name: str, *, timeout: float = LOAD_TIMEOUT) -> ModelInfo:  # noqa: ASYNC109
+    async def unload_model(
+        self,
+        name: str,
+        *,
+        timeout: float = LOAD_TIMEOUT,  # noqa: ASYNC109
+        metadata: Metadata = (),
+    ) -> ModelInfo:
         """Unloads a model once its in-flight requests finish; a pinned model refuses (FAILED_PRECONDITION)."""
-        try:
-            response = await self._models_stub.UnloadModel(models_pb.UnloadModelRequest(name=name), timeout=timeout)
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-        return model_info(response.model)
+        request = models_pb.UnloadModelRequest(name=name)
+        return model_info((await self._unary(self._models_stub.UnloadModel, request, timeout, metadata)).model)
 
-    async def health(self, service: str = "", *, timeout: float | None = None) -> str:  # noqa: ASYNC109
+    async def health(
+        self,
+        service: str = "",
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        metadata: Metadata = (),
+    ) -> str:
         """Returns the grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
-        try:
-            response: health_pb2.HealthCheckResponse = await self._health_stub.Check(
-                request, timeout=self._deadline(timeout)
-            )
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-        return _status_name(response)
+        return _status_name(await self._unary(self._health_stub.Check, request, timeout, metadata))
 
     async def close(self) -> None:
         """Closes the channel if this client created it."""
@@ -519,5 +477,14 @@ class AsyncQAClient:
     ) -> None:
         await self.close()
 
-    def _deadline(self, timeout: float | None) -> float:
-        return self._timeout if timeout is None else timeout
+    async def _unary(
+        self,
+        method: Callable[..., Awaitable[_R]],
+        request: object,
+        timeout: float | None,  # noqa: ASYNC109
+        metadata: Metadata,
+    ) -> _R:
+        try:
+            return await method(request, timeout=self._deadline(timeout), metadata=self._call_metadata(metadata))
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error

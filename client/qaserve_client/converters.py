@@ -1,4 +1,4 @@
-"""All mapping between the qaserve.v1 messages and the client's request and result types."""
+"""All mapping between the qaserve.v1 messages and the client's result types; requests are built in options.py."""
 
 from __future__ import annotations
 
@@ -8,56 +8,14 @@ import grpc
 
 from qaserve_client.errors import QAServeError, error_from_status
 from qaserve_client.items import ManyItem
+from qaserve_client.options import answer_request
 from qaserve_client.results import Answer, AnswerResult, ManyResult, ModelRef, Progress, ServerTiming
 from qaserve_client.v1 import question_answering_pb2 as pb
 
 
-def build_request(
-    question: str,
-    context: str,
-    *,
-    model: str = "",
-    top_k: int | None = None,
-    max_answer_len: int | None = None,
-    max_seq_len: int | None = None,
-    doc_stride: int | None = None,
-    max_question_len: int | None = None,
-    handle_impossible_answer: bool = False,
-    align_to_words: bool | None = None,
-) -> pb.AnswerRequest:
-    """Builds an AnswerRequest; a None option stays unset so that the server applies its default."""
-    # Passing None for a proto3 optional field leaves it unset (HasField is False).
-    return pb.AnswerRequest(
-        question=question,
-        context=context,
-        model=model,
-        top_k=top_k,
-        max_answer_len=max_answer_len,
-        max_seq_len=max_seq_len,
-        doc_stride=doc_stride,
-        max_question_len=max_question_len,
-        handle_impossible_answer=handle_impossible_answer,
-        align_to_words=align_to_words,
-    )
-
-
-def build_many_request(item: ManyItem) -> pb.AnswerManyRequest:
+def many_request(item: ManyItem) -> pb.AnswerManyRequest:
     """Builds the AnswerManyRequest of one answer_many item."""
-    return pb.AnswerManyRequest(
-        id=item.id,
-        request=build_request(
-            item.question,
-            item.context,
-            model=item.model,
-            top_k=item.top_k,
-            max_answer_len=item.max_answer_len,
-            max_seq_len=item.max_seq_len,
-            doc_stride=item.doc_stride,
-            max_question_len=item.max_question_len,
-            handle_impossible_answer=item.handle_impossible_answer,
-            align_to_words=item.align_to_words,
-        ),
-    )
+    return pb.AnswerManyRequest(id=item.id, request=answer_request(item.question, item.context, item))
 
 
 def result_from_response(response: pb.AnswerResponse) -> AnswerResult:
@@ -76,8 +34,10 @@ def result_from_response(response: pb.AnswerResponse) -> AnswerResult:
             queue_seconds=response.timing.queue_seconds,
             forward_seconds=response.timing.forward_seconds,
             decode_seconds=response.timing.decode_seconds,
+            cached=response.timing.cached,
         ),
         windows=response.windows,
+        request_id=response.request_id,
     )
 
 
@@ -92,6 +52,7 @@ def update_from_progressive(response: pb.AnswerProgressiveResponse) -> Progress 
             answers=_answers(response.partial.answers),
             windows_done=response.partial.windows_done,
             windows_total=response.partial.windows_total,
+            request_id=response.request_id,
         )
     if kind == "final":
         return result_from_response(response.final)
@@ -102,12 +63,16 @@ def result_from_many(response: pb.AnswerManyResponse) -> ManyResult:
     """Converts one AnswerMany response into a ManyResult holding either the answers or the item's error."""
     kind = response.WhichOneof("result")
     if kind == "response":
-        return ManyResult(id=response.id, result=result_from_response(response.response), error=None)
+        result = result_from_response(response.response)
+        return ManyResult(id=response.id, result=result, error=None, request_id=response.request_id)
+    request_id = response.request_id or None
     if kind == "error":
-        return ManyResult(id=response.id, result=None, error=error_from_status(response.error))
-    # Neither field this client knows: the item did not succeed as far as the caller can tell.
-    error = QAServeError(grpc.StatusCode.UNKNOWN, "the server's response carries neither answers nor an error")
-    return ManyResult(id=response.id, result=None, error=error)
+        error = error_from_status(response.error, request_id)
+    else:
+        # Neither field this client knows: the item did not succeed as far as the caller can tell.
+        message = "the server's response carries neither answers nor an error"
+        error = QAServeError(grpc.StatusCode.UNKNOWN, message, request_id=request_id)
+    return ManyResult(id=response.id, result=None, error=error, request_id=response.request_id)
 
 
 def _answers(answers: Iterable[pb.Answer]) -> tuple[Answer, ...]:

@@ -40,16 +40,23 @@ class ServerTiming:
     queue_seconds: float
     forward_seconds: float
     decode_seconds: float
+    # An answer from the server's response cache: no model ran and the stage timings are 0.
+    cached: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class AnswerResult:
-    """The answers to one question, best first, with the model that produced them and the server's timing."""
+    """The answers to one question, best first, with the model that produced them and the server's timing.
+
+    `request_id` is the call's id: the `x-request-id` the client sent, or one the server made; the server's logs
+    carry it. Empty from a server that does not return one.
+    """
 
     answers: tuple[Answer, ...]
     model: ModelRef
     timing: ServerTiming
     windows: int
+    request_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-ready dict; answers use the HF pipeline's answer/score/start/end keys."""
@@ -58,6 +65,7 @@ class AnswerResult:
             "model": dataclasses.asdict(self.model),
             "timing": dataclasses.asdict(self.timing),
             "windows": self.windows,
+            "request_id": self.request_id,
         }
 
 
@@ -68,6 +76,7 @@ class Progress:
     answers: tuple[Answer, ...]
     windows_done: int
     windows_total: int
+    request_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-ready dict with the same answer keys as AnswerResult.to_dict."""
@@ -75,19 +84,26 @@ class Progress:
             "answers": [dataclasses.asdict(answer) for answer in self.answers],
             "windows_done": self.windows_done,
             "windows_total": self.windows_total,
+            "request_id": self.request_id,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class ManyResult:
-    """The outcome of one answer_many item: exactly one of `result` and `error` is set."""
+    """The outcome of one answer_many item: exactly one of `result` and `error` is set.
+
+    `request_id` is the id of the whole AnswerMany call, the same on every item of the stream.
+    """
 
     id: str
     result: AnswerResult | None
     error: QAServeError | None
+    request_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns {"id", **AnswerResult.to_dict()} for an answer, or {"id", "error": QAServeError.to_dict()}."""
+        """Returns {"id", **AnswerResult.to_dict()} for an answer, or {"id", "error": QAServeError.to_dict(),
+        "request_id"} for a failed item."""
         if self.result is not None:
             return {"id": self.id, **self.result.to_dict()}
-        return {"id": self.id, "error": self.error.to_dict() if self.error is not None else None}
+        error = self.error.to_dict() if self.error is not None else None
+        return {"id": self.id, "error": error, "request_id": self.request_id}

@@ -24,6 +24,7 @@ def server(fake_server: FakeServer) -> FakeServer:
     fake_server.servicer.requests.clear()
     fake_server.servicer.stream_deadlines.clear()
     fake_server.servicer.cancelled_streams = 0
+    fake_server.servicer.metadata.clear()
     fake_server.set_health("", health_pb2.HealthCheckResponse.SERVING)
     return fake_server
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ OVERLOAD_QUESTION = "overload"
 PLAIN_ERROR_QUESTION = "plain error"
 NO_FINAL_QUESTION = "no final"
 PROGRESSIVE_WINDOWS = 3
+REQUEST_ID_KEY = "x-request-id"
 
 
 def _packed(message: Any) -> any_pb2.Any:
@@ -83,7 +85,13 @@ def _answers(request: pb.AnswerRequest) -> list[pb.Answer]:
     return answers
 
 
-def _response(request: pb.AnswerRequest, windows: int = 1) -> pb.AnswerResponse:
+async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status, request_id: str) -> None:
+    # As the real server does: the request id goes along with the status details, which replace the trailers.
+    rich = rpc_status.to_status(status)
+    await context.abort(rich.code, rich.details, (*rich.trailing_metadata, (REQUEST_ID_KEY, request_id)))
+
+
+def _response(request: pb.AnswerRequest, request_id: str, windows: int = 1) -> pb.AnswerResponse:
     return pb.AnswerResponse(
         answers=_answers(request),
         model=pb.ModelRef(name=request.model or "fake", revision="sha256:00", device="cpu", dtype="float32"),
@@ -95,6 +103,7 @@ def _response(request: pb.AnswerRequest, windows: int = 1) -> pb.AnswerResponse:
             decode_seconds=0.1,
         ),
         windows=windows,
+        request_id=request_id,
     )
 
 
@@ -112,40 +121,52 @@ class FakeQAServicer(pb_grpc.QuestionAnsweringServiceServicer):
         self.stream_deadlines: list[float | None] = []
         # AnswerProgressive calls that the client cancelled while they ran.
         self.cancelled_streams = 0
+        # The invocation metadata of each call.
+        self.metadata: list[dict[str, str]] = []
+
+    def _begin(self, context: grpc.aio.ServicerContext) -> str:
+        """Records the call's metadata; returns its request id, the client's or a new one, as the real server."""
+        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        self.metadata.append(metadata)
+        request_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        return request_id
 
     async def Answer(self, request: pb.AnswerRequest, context: grpc.aio.ServicerContext) -> pb.AnswerResponse:
+        request_id = self._begin(context)
         self.requests.append(request)
         if not request.question.strip():
-            await context.abort_with_status(rpc_status.to_status(_invalid_question()))
+            await _abort(context, _invalid_question(), request_id)
         if request.question == OVERLOAD_QUESTION:
-            await context.abort_with_status(rpc_status.to_status(_overloaded()))
+            await _abort(context, _overloaded(), request_id)
         if request.question == PLAIN_ERROR_QUESTION:
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error", ((REQUEST_ID_KEY, request_id),))
         if request.question == SLOW_QUESTION:
             await asyncio.sleep(5)
-        return _response(request)
+        return _response(request, request_id)
 
     async def AnswerProgressive(
         self, request: pb.AnswerProgressiveRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnswerProgressiveResponse]:
+        request_id = self._begin(context)
         self.requests.append(request.request)
         self.stream_deadlines.append(context.time_remaining())
         if not request.request.question.strip():
-            await context.abort_with_status(rpc_status.to_status(_invalid_question()))
+            await _abort(context, _invalid_question(), request_id)
         answers = _answers(request.request)
         try:
             for done in range(1, PROGRESSIVE_WINDOWS + 1):
                 # Both fail after the first partial, so that the client has seen progress before the error.
                 if request.request.question == PLAIN_ERROR_QUESTION and done > 1:
-                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error", ((REQUEST_ID_KEY, request_id),))
                 if request.request.question == SLOW_QUESTION and done > 1:
                     await asyncio.sleep(5)
-                yield pb.AnswerProgressiveResponse(
-                    partial=pb.PartialAnswer(answers=answers, windows_done=done, windows_total=PROGRESSIVE_WINDOWS)
-                )
+                partial = pb.PartialAnswer(answers=answers, windows_done=done, windows_total=PROGRESSIVE_WINDOWS)
+                yield pb.AnswerProgressiveResponse(partial=partial, request_id=request_id)
             if request.request.question == NO_FINAL_QUESTION:
                 return
-            yield pb.AnswerProgressiveResponse(final=_response(request.request, windows=PROGRESSIVE_WINDOWS))
+            final = _response(request.request, request_id, windows=PROGRESSIVE_WINDOWS)
+            yield pb.AnswerProgressiveResponse(final=final, request_id=request_id)
         except asyncio.CancelledError:
             self.cancelled_streams += 1
             raise
@@ -153,20 +174,22 @@ class FakeQAServicer(pb_grpc.QuestionAnsweringServiceServicer):
     async def AnswerMany(
         self, request_iterator: AsyncIterator[pb.AnswerManyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnswerManyResponse]:
+        request_id = self._begin(context)
         self.stream_deadlines.append(context.time_remaining())
         async for item in request_iterator:
             self.requests.append(item.request)
             question = item.request.question
             if not question.strip():
-                yield pb.AnswerManyResponse(id=item.id, error=_invalid_question())
+                yield pb.AnswerManyResponse(id=item.id, error=_invalid_question(), request_id=request_id)
             elif question == OVERLOAD_QUESTION:
-                yield pb.AnswerManyResponse(id=item.id, error=_overloaded())
+                yield pb.AnswerManyResponse(id=item.id, error=_overloaded(), request_id=request_id)
             elif question == PLAIN_ERROR_QUESTION:
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error", ((REQUEST_ID_KEY, request_id),))
             else:
                 if question == SLOW_QUESTION:
                     await asyncio.sleep(5)
-                yield pb.AnswerManyResponse(id=item.id, response=_response(item.request))
+                response = _response(item.request, request_id)
+                yield pb.AnswerManyResponse(id=item.id, response=response, request_id=request_id)
 
 
 @dataclass

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from qaserve_client import Answer, AnswerResult, AsyncQAClient, ModelRef, QAClient, QAServeError, ServerTiming
+from qaserve_client import (
+    Answer,
+    AnswerResult,
+    AsyncQAClient,
+    ManyItem,
+    ModelRef,
+    QAClient,
+    QAServeError,
+    ServerTiming,
+)
+from qaserve_client.converters import result_from_response
+from qaserve_client.v1 import question_answering_pb2 as pb
 
 from fake_qaserve import OVERLOAD_QUESTION, PLAIN_ERROR_QUESTION, SLOW_QUESTION, FakeServer
 
@@ -25,7 +37,7 @@ CONTEXT = "Zürich liegt am See."
 
 def test_answer_round_trip(server: FakeServer) -> None:
     with QAClient(server.target) as client:
-        result = client.answer("Where?", CONTEXT, top_k=2, model="tiny")
+        result = client.answer("Where?", CONTEXT, top_k=2, model="tiny", metadata=[("x-request-id", "req-1")])
 
     assert result == AnswerResult(
         answers=(
@@ -41,6 +53,7 @@ def test_answer_round_trip(server: FakeServer) -> None:
             decode_seconds=0.1,
         ),
         windows=1,
+        request_id="req-1",
     )
 
 
@@ -184,3 +197,47 @@ def test_close_leaves_a_borrowed_channel_open(server: FakeServer) -> None:
             client.answer("Where?", CONTEXT)
         with QAClient(channel=channel) as client:
             assert client.answer("Where?", CONTEXT).answers[0].answer == "Zürich"
+
+
+def test_request_id_round_trip_on_results_and_errors(server: FakeServer) -> None:
+    with QAClient(server.target, metadata=[("x-request-id", "client-wide")]) as client:
+        assert client.answer("Where?", CONTEXT).request_id == "client-wide"
+        with pytest.raises(QAServeError) as caught:
+            client.answer(" ", CONTEXT)
+        assert caught.value.request_id == "client-wide"
+    with QAClient(server.target) as client:
+        made = client.answer("Where?", CONTEXT).request_id
+        with pytest.raises(QAServeError) as caught:
+            client.answer(PLAIN_ERROR_QUESTION, CONTEXT, metadata=[("x-request-id", "per-call")])
+
+    assert re.fullmatch("[0-9a-f]{32}", made)
+    assert (caught.value.code, caught.value.request_id) == (grpc.StatusCode.INTERNAL, "per-call")
+    assert caught.value.to_dict()["request_id"] == "per-call"
+
+
+async def test_async_request_id_on_errors_and_many_items(server: FakeServer) -> None:
+    async with AsyncQAClient(server.target) as client:
+        with pytest.raises(QAServeError) as caught:
+            await client.answer(OVERLOAD_QUESTION, CONTEXT, metadata=[("x-request-id", "aio-1")])
+        items = [ManyItem("ok", "Where?", CONTEXT), ManyItem("bad", " ", CONTEXT)]
+        results = {r.id: r async for r in client.answer_many(items, metadata=[("x-request-id", "aio-2")])}
+
+    assert (caught.value.reason, caught.value.request_id) == ("OVERLOADED", "aio-1")
+    assert results["ok"].request_id == results["ok"].result.request_id == "aio-2"  # type: ignore[union-attr]
+    assert results["bad"].request_id == results["bad"].error.request_id == "aio-2"  # type: ignore[union-attr]
+
+
+def test_unreachable_server_gives_no_request_id(unused_target: str) -> None:
+    with QAClient(unused_target, timeout=5) as client, pytest.raises(QAServeError) as caught:
+        client.answer("Where?", CONTEXT)
+
+    assert (caught.value.code, caught.value.request_id) == (grpc.StatusCode.UNAVAILABLE, None)
+
+
+def test_cached_answers_are_marked() -> None:
+    response = pb.AnswerResponse(timing=pb.ServerTiming(total_seconds=0.001, cached=True), request_id="r")
+
+    result = result_from_response(response)
+
+    assert (result.timing.cached, result.timing.forward_seconds, result.request_id) == (True, 0.0, "r")
+    assert result.to_dict()["timing"]["cached"] is True

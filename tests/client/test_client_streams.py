@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -31,7 +32,9 @@ ZURICH = Answer(answer="Zürich", score=0.9, start=0, end=6, byte_start=0, byte_
 
 def test_answer_progressive_yields_partials_then_the_result(server: FakeServer) -> None:
     with QAClient(server.target) as client:
-        updates = list(client.answer_progressive("Where?", CONTEXT, top_k=2, model="tiny"))
+        updates = list(
+            client.answer_progressive("Where?", CONTEXT, top_k=2, model="tiny", metadata=[("x-request-id", "req-2")])
+        )
 
     *partials, final = updates
     assert partials == [
@@ -39,11 +42,12 @@ def test_answer_progressive_yields_partials_then_the_result(server: FakeServer) 
             answers=(ZURICH, Answer(answer="liegt", score=0.45, start=7, end=12, byte_start=8, byte_end=13)),
             windows_done=done,
             windows_total=3,
+            request_id="req-2",
         )
         for done in (1, 2, 3)
     ]
     assert isinstance(final, AnswerResult)
-    assert final.windows == 3
+    assert (final.windows, final.request_id) == (3, "req-2")
     assert final.model.name == "tiny"
     (request,) = server.servicer.requests
     assert (request.top_k, request.model) == (2, "tiny")
@@ -278,16 +282,21 @@ def test_many_result_to_dict(server: FakeServer) -> None:
     ok = results["ok"].to_dict()
     assert ok["id"] == "ok"
     assert ok["answers"][0]["answer"] == "Zürich"
-    assert set(ok) == {"id", "answers", "model", "timing", "windows"}
+    assert set(ok) == {"id", "answers", "model", "timing", "windows", "request_id"}
+    request_id = ok["request_id"]
+    assert re.fullmatch("[0-9a-f]{32}", request_id)  # the server made it: the client sent none
     assert results["bad"].to_dict() == {
         "id": "bad",
         "error": {
             "code": "INVALID_ARGUMENT",
+            "code_number": 3,
             "message": "question: must contain a non-whitespace character",
             "reason": "INVALID_ARGUMENT",
             "field_violations": [{"field": "question", "description": "must contain a non-whitespace character"}],
             "retry_after": None,
+            "request_id": request_id,
         },
+        "request_id": request_id,
     }
 
 

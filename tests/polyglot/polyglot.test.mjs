@@ -27,8 +27,9 @@ before(() => {
 });
 after(() => client.close());
 
+// What differs between two calls for the same request: the server's timings and each call's request id.
 function withoutTiming(response) {
-  const { timing: _timing, ...rest } = response;
+  const { timing: _timing, request_id: _requestId, ...rest } = response;
   return rest;
 }
 
@@ -45,6 +46,8 @@ describe("Answer (unary)", () => {
     assert.match(response.model.revision, /^sha256:[0-9a-f]{64}$/);
     assert.equal(response.windows, 1);
     assert.ok(response.timing.total_seconds >= response.timing.forward_seconds);
+    assert.equal(response.timing.cached, false);
+    assert.match(response.request_id, /^[0-9a-f]{32}$/); // made by the server: this client sent none
   });
 
   test("non-ASCII context: byte offsets on a Buffer, or code points via Array.from, give the answer; UTF-16 indices do not", async () => {

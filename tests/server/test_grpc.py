@@ -170,10 +170,12 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
 async def test_cli_ask_json_and_health(tiny_server: tuple[QAServer, str]) -> None:
     target = tiny_server[1]
     code, out, err = await run_cli(
-        "--target", target, "ask", "--question", "What is the capital?", "--context", CONTEXT, "--json"
-    )
+        "--target", target, "-H", "x-request-id:cli-1", "ask", "--question", "What is the capital?",
+        "--context", CONTEXT, "--json",
+    )  # fmt: skip
     assert code == 0, err
     result = json.loads(out)
+    assert result["request_id"] == "cli-1"
     best = result["answers"][0]
     assert {"answer", "score", "start", "end"} <= best.keys()
     assert best["answer"] == CONTEXT[best["start"] : best["end"]]
@@ -184,5 +186,11 @@ async def test_cli_ask_json_and_health(tiny_server: tuple[QAServer, str]) -> Non
     assert "SERVING" in out
 
     code, _, err = await run_cli("--target", target, "ask", "--question", " ", "--context", CONTEXT)
-    assert code == 1
+    assert code == 64 + 3  # INVALID_ARGUMENT
     assert "INVALID_ARGUMENT" in err and "question" in err
+
+    code, _, err = await run_cli("--target", target, "--json", "-H", "x-request-id:cli-2", "ask", "--question", "Q?",
+                                 "--context", CONTEXT, "--model", "no-such-model")  # fmt: skip
+    assert code == 64 + 5  # NOT_FOUND
+    error = json.loads(err)["error"]
+    assert (error["code"], error["reason"], error["request_id"]) == ("NOT_FOUND", "MODEL_NOT_FOUND", "cli-2")

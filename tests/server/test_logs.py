@@ -33,8 +33,9 @@ async def test_each_request_logs_one_debug_line_with_its_id_model_code_and_timin
     stub: pb_grpc.QuestionAnsweringServiceStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="qaserve.api.scope")
+    # A context no other test sends: the answer must come from the model, not the response cache.
     call = stub.Answer(
-        pb.AnswerRequest(question=SEED_QUESTION, context=SEED_CONTEXT),
+        pb.AnswerRequest(question=SEED_QUESTION, context=SEED_CONTEXT + " It has a log."),
         metadata=(("x-request-id", "req-42"),),
         timeout=10,
     )

@@ -203,7 +203,7 @@ async def test_sync_client_and_cli_over_tls(tls_server: tuple[QAServer, str], pk
     ok = await run(*cli, "--ca-file", str(pki.ca), "health")
     assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING")
     refused = await run(*cli, "--tls", "--timeout", "3", "health")
-    assert refused.returncode == 2  # unreachable: the handshake fails
+    assert refused.returncode == 64 + 14  # UNAVAILABLE: the handshake fails
 
 
 async def test_health_port_stays_plaintext_for_probes(tls_server: tuple[QAServer, str]) -> None:
@@ -379,7 +379,7 @@ async def test_sync_client_and_cli_with_a_token(token_server: tuple[QAServer, st
     ok = await run(*cli, "--token-file", str(token_file), *question)
     assert ok.returncode == 0, ok.stderr
     refused = await run(*cli, *question)
-    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    assert refused.returncode == 64 + 16 and "UNAUTHENTICATED" in refused.stderr
 
 
 async def test_token_over_tls_goes_as_call_credentials(tiny_model_dir: Path, pki: Pki) -> None:

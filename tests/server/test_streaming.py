@@ -47,6 +47,7 @@ def without_timing(response: pb.AnswerResponse) -> pb.AnswerResponse:
     copy = pb.AnswerResponse()
     copy.CopyFrom(response)
     copy.ClearField("timing")
+    copy.ClearField("request_id")
     return copy
 
 
@@ -61,6 +62,8 @@ async def test_progressive_partials_grow_and_final_equals_answer(
     *partials, final = messages
     assert final.WhichOneof("update") == "final"
     assert without_timing(final.final) == without_timing(unary)
+    # One request id per call, on every message of the stream and in the final answer.
+    assert {m.request_id for m in messages} == {final.final.request_id} != {unary.request_id}
     assert unary.windows > 10
     assert partials, "a long context must report progress before the final message"
     done = [p.partial.windows_done for p in partials]

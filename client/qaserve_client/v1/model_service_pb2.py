@@ -25,33 +25,34 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eqaserve/v1/model_service.proto\x12\nqaserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.qaserve.v1.ModelState\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12\x10\n\x08revision\x18\x08 \x01(\t\x12\x32\n\x0elast_used_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\n \x01(\t\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.qaserve.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x10GetModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.qaserve.v1.Model\" \n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x11LoadModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.qaserve.v1.Model\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x13UnloadModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.qaserve.v1.Model*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x32\xbc\x02\n\x0cModelService\x12K\n\nListModels\x12\x1d.qaserve.v1.ListModelsRequest\x1a\x1e.qaserve.v1.ListModelsResponse\x12\x45\n\x08GetModel\x12\x1b.qaserve.v1.GetModelRequest\x1a\x1c.qaserve.v1.GetModelResponse\x12H\n\tLoadModel\x12\x1c.qaserve.v1.LoadModelRequest\x1a\x1d.qaserve.v1.LoadModelResponse\x12N\n\x0bUnloadModel\x12\x1e.qaserve.v1.UnloadModelRequest\x1a\x1f.qaserve.v1.UnloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eqaserve/v1/model_service.proto\x12\nqaserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.qaserve.v1.ModelState\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12\x10\n\x08revision\x18\x08 \x01(\t\x12\x32\n\x0elast_used_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\n \x01(\t\"\x13\n\x11ListModelsRequest\"K\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.qaserve.v1.Model\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x10GetModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.qaserve.v1.Model\x12\x12\n\nrequest_id\x18\x02 \x01(\t\" \n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"I\n\x11LoadModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.qaserve.v1.Model\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x13UnloadModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.qaserve.v1.Model\x12\x12\n\nrequest_id\x18\x02 \x01(\t*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x32\xbc\x02\n\x0cModelService\x12K\n\nListModels\x12\x1d.qaserve.v1.ListModelsRequest\x1a\x1e.qaserve.v1.ListModelsResponse\x12\x45\n\x08GetModel\x12\x1b.qaserve.v1.GetModelRequest\x1a\x1c.qaserve.v1.GetModelResponse\x12H\n\tLoadModel\x12\x1c.qaserve.v1.LoadModelRequest\x1a\x1d.qaserve.v1.LoadModelResponse\x12N\n\x0bUnloadModel\x12\x1e.qaserve.v1.UnloadModelRequest\x1a\x1f.qaserve.v1.UnloadModelResponseBj\n\x0e\x64\x65v.qaserve.v1B\x11ModelServiceProtoP\x01Z6github.com/qaserve/qaserve/gen/go/qaserve/v1;qaservev1\xaa\x02\nQaserve.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qaserve_client.v1.model_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=658
-  _globals['_MODELSTATE']._serialized_end=797
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.qaserve.v1B\021ModelServiceProtoP\001Z6github.com/qaserve/qaserve/gen/go/qaserve/v1;qaservev1\252\002\nQaserve.V1'
+  _globals['_MODELSTATE']._serialized_start=738
+  _globals['_MODELSTATE']._serialized_end=877
   _globals['_MODEL']._serialized_start=80
   _globals['_MODEL']._serialized_end=308
   _globals['_LISTMODELSREQUEST']._serialized_start=310
   _globals['_LISTMODELSREQUEST']._serialized_end=329
   _globals['_LISTMODELSRESPONSE']._serialized_start=331
-  _globals['_LISTMODELSRESPONSE']._serialized_end=386
-  _globals['_GETMODELREQUEST']._serialized_start=388
-  _globals['_GETMODELREQUEST']._serialized_end=419
-  _globals['_GETMODELRESPONSE']._serialized_start=421
-  _globals['_GETMODELRESPONSE']._serialized_end=473
-  _globals['_LOADMODELREQUEST']._serialized_start=475
-  _globals['_LOADMODELREQUEST']._serialized_end=507
-  _globals['_LOADMODELRESPONSE']._serialized_start=509
-  _globals['_LOADMODELRESPONSE']._serialized_end=562
-  _globals['_UNLOADMODELREQUEST']._serialized_start=564
-  _globals['_UNLOADMODELREQUEST']._serialized_end=598
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=600
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=655
-  _globals['_MODELSERVICE']._serialized_start=800
-  _globals['_MODELSERVICE']._serialized_end=1116
+  _globals['_LISTMODELSRESPONSE']._serialized_end=406
+  _globals['_GETMODELREQUEST']._serialized_start=408
+  _globals['_GETMODELREQUEST']._serialized_end=439
+  _globals['_GETMODELRESPONSE']._serialized_start=441
+  _globals['_GETMODELRESPONSE']._serialized_end=513
+  _globals['_LOADMODELREQUEST']._serialized_start=515
+  _globals['_LOADMODELREQUEST']._serialized_end=547
+  _globals['_LOADMODELRESPONSE']._serialized_start=549
+  _globals['_LOADMODELRESPONSE']._serialized_end=622
+  _globals['_UNLOADMODELREQUEST']._serialized_start=624
+  _globals['_UNLOADMODELREQUEST']._serialized_end=658
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=660
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=735
+  _globals['_MODELSERVICE']._serialized_start=880
+  _globals['_MODELSERVICE']._serialized_end=1196
 # @@protoc_insertion_point(module_scope)

@@ -25,33 +25,34 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#qaserve/v1/question_answering.proto\x12\nqaserve.v1\x1a\x17google/rpc/status.proto\"\xe7\x02\n\rAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_answer_len\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0bmax_seq_len\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\ndoc_stride\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x1d\n\x10max_question_len\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12 \n\x18handle_impossible_answer\x18\t \x01(\x08\x12\x1b\n\x0e\x61lign_to_words\x18\n \x01(\x08H\x05\x88\x01\x01\x42\x08\n\x06_top_kB\x11\n\x0f_max_answer_lenB\x0e\n\x0c_max_seq_lenB\r\n\x0b_doc_strideB\x13\n\x11_max_question_lenB\x11\n\x0f_align_to_words\"\x95\x01\n\x0e\x41nswerResponse\x12#\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x12.qaserve.v1.Answer\x12#\n\x05model\x18\x02 \x01(\x0b\x32\x14.qaserve.v1.ModelRef\x12(\n\x06timing\x18\x03 \x01(\x0b\x32\x18.qaserve.v1.ServerTiming\x12\x0f\n\x07windows\x18\x04 \x01(\x05\"i\n\x06\x41nswer\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x12\n\nbyte_start\x18\x05 \x01(\x05\x12\x10\n\x08\x62yte_end\x18\x06 \x01(\x05\"I\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\"\x87\x01\n\x0cServerTiming\x12\x15\n\rtotal_seconds\x18\x01 \x01(\x01\x12\x18\n\x10tokenize_seconds\x18\x02 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x17\n\x0f\x66orward_seconds\x18\x04 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x05 \x01(\x01\"F\n\x18\x41nswerProgressiveRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.qaserve.v1.AnswerRequest\"\x80\x01\n\x19\x41nswerProgressiveResponse\x12,\n\x07partial\x18\x01 \x01(\x0b\x32\x19.qaserve.v1.PartialAnswerH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.qaserve.v1.AnswerResponseH\x00\x42\x08\n\x06update\"a\n\rPartialAnswer\x12#\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x12.qaserve.v1.Answer\x12\x14\n\x0cwindows_done\x18\x02 \x01(\x05\x12\x15\n\rwindows_total\x18\x03 \x01(\x05\"K\n\x11\x41nswerManyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.qaserve.v1.AnswerRequest\"\x7f\n\x12\x41nswerManyResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.qaserve.v1.AnswerResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result2\x90\x02\n\x18QuestionAnsweringService\x12?\n\x06\x41nswer\x12\x19.qaserve.v1.AnswerRequest\x1a\x1a.qaserve.v1.AnswerResponse\x12\x62\n\x11\x41nswerProgressive\x12$.qaserve.v1.AnswerProgressiveRequest\x1a%.qaserve.v1.AnswerProgressiveResponse0\x01\x12O\n\nAnswerMany\x12\x1d.qaserve.v1.AnswerManyRequest\x1a\x1e.qaserve.v1.AnswerManyResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#qaserve/v1/question_answering.proto\x12\nqaserve.v1\x1a\x17google/rpc/status.proto\"\xe7\x02\n\rAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_answer_len\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0bmax_seq_len\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\ndoc_stride\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x1d\n\x10max_question_len\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12 \n\x18handle_impossible_answer\x18\t \x01(\x08\x12\x1b\n\x0e\x61lign_to_words\x18\n \x01(\x08H\x05\x88\x01\x01\x42\x08\n\x06_top_kB\x11\n\x0f_max_answer_lenB\x0e\n\x0c_max_seq_lenB\r\n\x0b_doc_strideB\x13\n\x11_max_question_lenB\x11\n\x0f_align_to_words\"\xa9\x01\n\x0e\x41nswerResponse\x12#\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x12.qaserve.v1.Answer\x12#\n\x05model\x18\x02 \x01(\x0b\x32\x14.qaserve.v1.ModelRef\x12(\n\x06timing\x18\x03 \x01(\x0b\x32\x18.qaserve.v1.ServerTiming\x12\x0f\n\x07windows\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"i\n\x06\x41nswer\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x12\n\nbyte_start\x18\x05 \x01(\x05\x12\x10\n\x08\x62yte_end\x18\x06 \x01(\x05\"I\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\"\x97\x01\n\x0cServerTiming\x12\x15\n\rtotal_seconds\x18\x01 \x01(\x01\x12\x18\n\x10tokenize_seconds\x18\x02 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x17\n\x0f\x66orward_seconds\x18\x04 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x05 \x01(\x01\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\"F\n\x18\x41nswerProgressiveRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.qaserve.v1.AnswerRequest\"\x94\x01\n\x19\x41nswerProgressiveResponse\x12,\n\x07partial\x18\x01 \x01(\x0b\x32\x19.qaserve.v1.PartialAnswerH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.qaserve.v1.AnswerResponseH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x08\n\x06update\"a\n\rPartialAnswer\x12#\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x12.qaserve.v1.Answer\x12\x14\n\x0cwindows_done\x18\x02 \x01(\x05\x12\x15\n\rwindows_total\x18\x03 \x01(\x05\"K\n\x11\x41nswerManyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.qaserve.v1.AnswerRequest\"\x93\x01\n\x12\x41nswerManyResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.qaserve.v1.AnswerResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06result2\x90\x02\n\x18QuestionAnsweringService\x12?\n\x06\x41nswer\x12\x19.qaserve.v1.AnswerRequest\x1a\x1a.qaserve.v1.AnswerResponse\x12\x62\n\x11\x41nswerProgressive\x12$.qaserve.v1.AnswerProgressiveRequest\x1a%.qaserve.v1.AnswerProgressiveResponse0\x01\x12O\n\nAnswerMany\x12\x1d.qaserve.v1.AnswerManyRequest\x1a\x1e.qaserve.v1.AnswerManyResponse(\x01\x30\x01\x42o\n\x0e\x64\x65v.qaserve.v1B\x16QuestionAnsweringProtoP\x01Z6github.com/qaserve/qaserve/gen/go/qaserve/v1;qaservev1\xaa\x02\nQaserve.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qaserve_client.v1.question_answering_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.qaserve.v1B\026QuestionAnsweringProtoP\001Z6github.com/qaserve/qaserve/gen/go/qaserve/v1;qaservev1\252\002\nQaserve.V1'
   _globals['_ANSWERREQUEST']._serialized_start=77
   _globals['_ANSWERREQUEST']._serialized_end=436
   _globals['_ANSWERRESPONSE']._serialized_start=439
-  _globals['_ANSWERRESPONSE']._serialized_end=588
-  _globals['_ANSWER']._serialized_start=590
-  _globals['_ANSWER']._serialized_end=695
-  _globals['_MODELREF']._serialized_start=697
-  _globals['_MODELREF']._serialized_end=770
-  _globals['_SERVERTIMING']._serialized_start=773
-  _globals['_SERVERTIMING']._serialized_end=908
-  _globals['_ANSWERPROGRESSIVEREQUEST']._serialized_start=910
-  _globals['_ANSWERPROGRESSIVEREQUEST']._serialized_end=980
-  _globals['_ANSWERPROGRESSIVERESPONSE']._serialized_start=983
-  _globals['_ANSWERPROGRESSIVERESPONSE']._serialized_end=1111
-  _globals['_PARTIALANSWER']._serialized_start=1113
-  _globals['_PARTIALANSWER']._serialized_end=1210
-  _globals['_ANSWERMANYREQUEST']._serialized_start=1212
-  _globals['_ANSWERMANYREQUEST']._serialized_end=1287
-  _globals['_ANSWERMANYRESPONSE']._serialized_start=1289
-  _globals['_ANSWERMANYRESPONSE']._serialized_end=1416
-  _globals['_QUESTIONANSWERINGSERVICE']._serialized_start=1419
-  _globals['_QUESTIONANSWERINGSERVICE']._serialized_end=1691
+  _globals['_ANSWERRESPONSE']._serialized_end=608
+  _globals['_ANSWER']._serialized_start=610
+  _globals['_ANSWER']._serialized_end=715
+  _globals['_MODELREF']._serialized_start=717
+  _globals['_MODELREF']._serialized_end=790
+  _globals['_SERVERTIMING']._serialized_start=793
+  _globals['_SERVERTIMING']._serialized_end=944
+  _globals['_ANSWERPROGRESSIVEREQUEST']._serialized_start=946
+  _globals['_ANSWERPROGRESSIVEREQUEST']._serialized_end=1016
+  _globals['_ANSWERPROGRESSIVERESPONSE']._serialized_start=1019
+  _globals['_ANSWERPROGRESSIVERESPONSE']._serialized_end=1167
+  _globals['_PARTIALANSWER']._serialized_start=1169
+  _globals['_PARTIALANSWER']._serialized_end=1266
+  _globals['_ANSWERMANYREQUEST']._serialized_start=1268
+  _globals['_ANSWERMANYREQUEST']._serialized_end=1343
+  _globals['_ANSWERMANYRESPONSE']._serialized_start=1346
+  _globals['_ANSWERMANYRESPONSE']._serialized_end=1493
+  _globals['_QUESTIONANSWERINGSERVICE']._serialized_start=1496
+  _globals['_QUESTIONANSWERINGSERVICE']._serialized_end=1768
 # @@protoc_insertion_point(module_scope)

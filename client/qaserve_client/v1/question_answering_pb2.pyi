@@ -123,8 +123,14 @@ class AnswerResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
     WINDOWS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     windows: _builtins.int
     """Number of windows the context was split into."""
+    request_id: _builtins.str
+    """The request's id: the client's `x-request-id` metadata when it sent a valid one (1..128 printable ASCII
+    characters), otherwise one the server made (32 hex digits). Also in the `x-request-id` trailer; server logs
+    carry it. Within AnswerProgressive and AnswerMany, the id of the whole call.
+    """
     @_builtins.property
     def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Answer]:
         """The best answers, highest score first; 1..top_k entries."""
@@ -144,10 +150,11 @@ class AnswerResponse(_message.Message):
         model: Global___ModelRef | None = ...,
         timing: Global___ServerTiming | None = ...,
         windows: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "timing", b"timing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "model", b"model", "timing", b"timing", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "model", b"model", "request_id", b"request_id", "timing", b"timing", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -168,8 +175,10 @@ class Answer(_message.Message):
     answer: _builtins.str
     """The answer text: context[start:end] in code points. Empty for the impossible answer."""
     score: _builtins.float
-    """Probability of the span, p(start) x p(end) under the model, summed over windows and spans that yield the
-    same text (case-insensitively). In [0, 1].
+    """The span's probability p(start) x p(end) under the model of its window, summed over the windows and spans
+    that yield the same text (case-insensitively), as the Hugging Face pipeline does. Each term is in [0, 1], so
+    a score lies in [0, windows] and can exceed 1 when the same answer is found in overlapping windows. Rank by
+    it; do not read it as a probability.
     """
     start: _builtins.int
     """Code point offset of the first character of the answer in the context."""
@@ -242,6 +251,7 @@ class ServerTiming(_message.Message):
     QUEUE_SECONDS_FIELD_NUMBER: _builtins.int
     FORWARD_SECONDS_FIELD_NUMBER: _builtins.int
     DECODE_SECONDS_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
     total_seconds: _builtins.float
     """From the request's arrival to its response."""
     tokenize_seconds: _builtins.float
@@ -252,6 +262,10 @@ class ServerTiming(_message.Message):
     """Forward passes that carried the request's windows (whole batches, shared with other requests)."""
     decode_seconds: _builtins.float
     """Turning logits into answer spans."""
+    cached: _builtins.bool
+    """True when the answer came from the server's response cache (an identical earlier request): no model ran,
+    and the stage timings above are 0.
+    """
     def __init__(
         self,
         *,
@@ -260,10 +274,11 @@ class ServerTiming(_message.Message):
         queue_seconds: _builtins.float = ...,
         forward_seconds: _builtins.float = ...,
         decode_seconds: _builtins.float = ...,
+        cached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_seconds", b"decode_seconds", "forward_seconds", b"forward_seconds", "queue_seconds", b"queue_seconds", "tokenize_seconds", b"tokenize_seconds", "total_seconds", b"total_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "decode_seconds", b"decode_seconds", "forward_seconds", b"forward_seconds", "queue_seconds", b"queue_seconds", "tokenize_seconds", b"tokenize_seconds", "total_seconds", b"total_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -301,23 +316,27 @@ class AnswerProgressiveResponse(_message.Message):
 
     PARTIAL_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The call's request id, as in AnswerResponse.request_id; the same on every message of the stream."""
     @_builtins.property
     def partial(self) -> Global___PartialAnswer:
         """The best answers over the windows scored so far."""
 
     @_builtins.property
     def final(self) -> Global___AnswerResponse:
-        """The last message: equal to Answer's response for the same request."""
+        """The last message: equal to Answer's response for the same request, timing and request_id aside."""
 
     def __init__(
         self,
         *,
         partial: Global___PartialAnswer | None = ...,
         final: Global___AnswerResponse | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "partial", b"partial", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "partial", b"partial", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "partial", b"partial", "request_id", b"request_id", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["partial", "final"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
@@ -394,8 +413,13 @@ class AnswerManyResponse(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The id of the request this answers."""
+    request_id: _builtins.str
+    """The request id of the whole AnswerMany call, as in AnswerResponse.request_id; the same on every response of
+    the stream, for a failed item too.
+    """
     @_builtins.property
     def response(self) -> Global___AnswerResponse:
         """The answers, as Answer would return them."""
@@ -412,10 +436,11 @@ class AnswerManyResponse(_message.Message):
         id: _builtins.str = ...,
         response: Global___AnswerResponse | None = ...,
         error: _status_pb2.Status | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "response", b"response", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "request_id", b"request_id", "response", b"response", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015

@@ -43,8 +43,8 @@ def partial_answer(progress: QAProgress) -> pb.PartialAnswer:
     )
 
 
-def answer_response(result: QAResult) -> pb.AnswerResponse:
-    """QAResult -> AnswerResponse."""
+def answer_response(result: QAResult, request_id: str = "") -> pb.AnswerResponse:
+    """QAResult -> AnswerResponse, carrying the request id of the call that answered it."""
     return pb.AnswerResponse(
         answers=answers(result.answers),
         model=pb.ModelRef(
@@ -59,13 +59,15 @@ def answer_response(result: QAResult) -> pb.AnswerResponse:
             queue_seconds=result.timing.queue,
             forward_seconds=result.timing.forward,
             decode_seconds=result.timing.decode,
+            cached=result.timing.cached,
         ),
         windows=result.windows,
+        request_id=request_id,
     )
 
 
-def progressive_response(update: QAProgress | QAResult) -> pb.AnswerProgressiveResponse:
-    """A partial (QAProgress) or the final answer (QAResult) of AnswerProgressive."""
+def progressive_response(update: QAProgress | QAResult, request_id: str = "") -> pb.AnswerProgressiveResponse:
+    """A partial (QAProgress) or the final answer (QAResult) of AnswerProgressive, with the call's request id."""
     if isinstance(update, QAProgress):
-        return pb.AnswerProgressiveResponse(partial=partial_answer(update))
-    return pb.AnswerProgressiveResponse(final=answer_response(update))
+        return pb.AnswerProgressiveResponse(partial=partial_answer(update), request_id=request_id)
+    return pb.AnswerProgressiveResponse(final=answer_response(update, request_id), request_id=request_id)

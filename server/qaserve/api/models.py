@@ -52,19 +52,23 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        async with self._scope("ListModels", context, ""):
-            return pb.ListModelsResponse(models=[model_message(i) for i in self.registry.infos()])
+        async with self._scope("ListModels", context, "") as scope:
+            models = [model_message(i) for i in self.registry.infos()]
+            return pb.ListModelsResponse(models=models, request_id=scope.request_id)
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
-        async with self._scope("GetModel", context, request.name):
-            return pb.GetModelResponse(model=model_message(self.registry.info(request.name)))
+        async with self._scope("GetModel", context, request.name) as scope:
+            model = model_message(self.registry.info(request.name))
+            return pb.GetModelResponse(model=model, request_id=scope.request_id)
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
-        async with self._scope("LoadModel", context, request.name):
-            return pb.LoadModelResponse(model=model_message(await self.registry.load(request.name)))
+        async with self._scope("LoadModel", context, request.name) as scope:
+            model = model_message(await self.registry.load(request.name))
+            return pb.LoadModelResponse(model=model, request_id=scope.request_id)
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadModelResponse:
-        async with self._scope("UnloadModel", context, request.name):
-            return pb.UnloadModelResponse(model=model_message(await self.registry.unload(request.name)))
+        async with self._scope("UnloadModel", context, request.name) as scope:
+            model = model_message(await self.registry.unload(request.name))
+            return pb.UnloadModelResponse(model=model, request_id=scope.request_id)

@@ -34,7 +34,7 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
         async with self._scope("Answer", context, request.model) as scope:
             result = await self.engine.answer(converters.qa_request(request), deadline=scope.deadline())
             scope.timing = result.timing
-            return converters.answer_response(result)
+            return converters.answer_response(result, scope.request_id)
 
     async def AnswerProgressive(
         self, request: pb.AnswerProgressiveRequest, context: grpc.aio.ServicerContext
@@ -46,7 +46,7 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
                 async for update in updates:
                     if isinstance(update, QAResult):
                         scope.timing = update.timing
-                    yield converters.progressive_response(update)
+                    yield converters.progressive_response(update, scope.request_id)
                     sent += 1
         self.metrics.stream_items.labels("AnswerProgressive").observe(sent)
 
@@ -56,18 +56,23 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
         sent = 0
         async with self._scope("AnswerMany", context, "") as scope:
             deadline = scope.deadline()
-            responses = fan_out(requests, lambda item: self._answer_item(item, deadline), self.stream_max_in_flight)
+            responses = fan_out(
+                requests, lambda item: self._answer_item(item, deadline, scope.request_id), self.stream_max_in_flight
+            )
             async with contextlib.aclosing(responses):
                 async for response in responses:
                     yield response
                     sent += 1
         self.metrics.stream_items.labels("AnswerMany").observe(sent)
 
-    async def _answer_item(self, item: pb.AnswerManyRequest, deadline: float | None) -> pb.AnswerManyResponse:
+    async def _answer_item(
+        self, item: pb.AnswerManyRequest, deadline: float | None, request_id: str
+    ) -> pb.AnswerManyResponse:
         """One AnswerMany item: its answer, or its error as a google.rpc.Status while the stream goes on."""
         try:
             result = await self.engine.answer(converters.qa_request(item.request), deadline)
         except Exception as error:
             failed = error_status(error, self.metrics, f"AnswerMany item {shorten(item.id)!r}")
-            return pb.AnswerManyResponse(id=item.id, error=failed.status)
-        return pb.AnswerManyResponse(id=item.id, response=converters.answer_response(result))
+            return pb.AnswerManyResponse(id=item.id, error=failed.status, request_id=request_id)
+        answered = converters.answer_response(result, request_id)
+        return pb.AnswerManyResponse(id=item.id, response=answered, request_id=request_id)
