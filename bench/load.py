@@ -121,7 +121,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`qaserve serve` in its own process on a free loopback port, CPU, metrics endpoint off."""
+    """`qaserve serve` in its own process on a free loopback port, CPU, metrics endpoint off, otherwise with the
+    defaults of `make run` (plus --server-args)."""
 
     def __init__(
         self, qaserve: str, model_dir: Path, name: str, backend: str, cache: bool, extra: Sequence[str]
@@ -129,10 +130,11 @@ class ServerProcess:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.command = [
-            qaserve, "serve", "--model", str(model_dir), "--model-name", name, "--backend", backend,
-            "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0",
-            "--drain-seconds", "0", "--log-level", "WARNING",
+            qaserve, "serve", "--model", str(model_dir), "--model-name", name, "--device", "cpu",
+            "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0", "--drain-seconds", "0",
         ]  # fmt: skip
+        if backend != "auto":  # auto is the default: that row starts the server as `make run` does
+            self.command += ["--backend", backend]
         if not cache:
             self.command += ["--response-cache-bytes", "0"]
         self.command += list(extra)
@@ -204,7 +206,7 @@ def server_rows(
     args: argparse.Namespace, model: str, model_dir: Path, workload: list[tuple[str, str]], backend: str, cache: bool
 ) -> list[Row]:
     server = ServerProcess(args.qaserve, model_dir, model, backend, cache, shlex.split(args.server_args))
-    label = f"qaserve --backend {backend}" + (", response cache on (default)" if cache else ", cache off")
+    label = f"qaserve --backend {backend}, cache off" if not cache else "qaserve default (backend auto, cache on)"
     rows = []
     try:
         asyncio.run(server.ready())
@@ -281,7 +283,7 @@ def summary(rows: list[Row], baselines: dict[tuple[str, str], Row]) -> list[str]
 def group_rows(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
     groups: dict[tuple[str, str], list[Row]] = {}
     for row in rows:
-        if not row.bare and "cache off" in row.label:
+        if not row.bare and row.backend != "auto":
             groups.setdefault((row.model, row.backend), []).append(row)
     return groups
 
@@ -315,11 +317,11 @@ def git_commit() -> str:
     return "unknown"
 
 
-def command_line() -> str:
+def command_line(argv: Sequence[str]) -> str:
     python = Path(sys.executable)
     with contextlib.suppress(ValueError):
         python = python.relative_to(Path.cwd())
-    return shlex.join([str(python), "-m", "bench.load", *sys.argv[1:]])
+    return shlex.join([str(python), "-m", "bench.load", *argv])
 
 
 # -- the run ---------------------------------------------------------------------------------------------------------
@@ -361,7 +363,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="embedded",
         help="comma-separated: embedded, distilbert-base (random weights, 66M parameters), or model directories",
     )
-    parser.add_argument("--backends", default="torch,onnx", help="server backends to measure (torch, onnx)")
+    parser.add_argument(
+        "--backends", default="torch,onnx", help="backends served with the cache off: torch, onnx, or empty"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row (default 10)")
     parser.add_argument("--warmup", type=float, help="seconds run before each row is measured (default min(2, s/4))")
     parser.add_argument("--stride", type=int, default=35, help="every N-th SQuAD dev question (default 35)")
@@ -394,6 +398,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     workload = select_workload(load_questions(args.data), args.stride, args.limit)
     rows: list[Row] = []
@@ -433,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- versions: python {platform.python_version()}, qaserve {version('qaserve')} (git {git_commit()}), "
         f"torch {version('torch')}, transformers {version('transformers')}, onnxruntime {version('onnxruntime')}, "
         f"tokenizers {version('tokenizers')}, grpcio {version('grpcio')}",
-        f"- command: `{command_line()}`",
+        f"- command: `{command_line(argv)}`",
         *(f"- {note}" for note in notes),
         "- (a), (a'): bench/bare.py in a clean process (no qaserve import, no OMP_/MKL_/QASERVE_ variables), "
         "tokenize + forward one question at a time, answers not decoded. Server rows: `qaserve serve --device cpu` "
