@@ -93,7 +93,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with open(args.workload, encoding="utf-8") as f:
-        workload: list[tuple[str, str]] = [tuple(pair) for pair in json.load(f)]  # type: ignore[misc]
+        workload = [(question, context) for question, context in json.load(f)]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -215,7 +215,8 @@ def server_rows(
                 closed_loop(server.target, workload, concurrency, args.seconds, args.warmup)
             )
             ms = [s * 1e3 for s in latencies] or [float("nan")]
-            row = Row(model, label, backend, concurrency, qps, *(percentile(ms, q) for q in (0.5, 0.95, 0.99)), errors)
+            p50, p95, p99 = (percentile(ms, q) for q in (0.5, 0.95, 0.99))
+            row = Row(model, label, backend, concurrency, qps, p50, p95, p99, errors)
             progress(row)
             rows.append(row)
     finally:
