@@ -443,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         *(f"- {note}" for note in notes),
         "- (a), (a'): bench/bare.py in a clean process (no qaserve import, no OMP_/MKL_/QASERVE_ variables), "
         "tokenize + forward one question at a time, answers not decoded. Server rows: `qaserve serve --device cpu` "
-        "with closed-loop gRPC clients in this process; q/s counts answers.",
+        "(and `--response-cache-bytes 0` where the cache is off) in the same clean environment, closed-loop gRPC "
+        "clients in this process; q/s counts answers.",
         "",
         *table(rows, baselines),
         "",
