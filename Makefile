@@ -101,6 +101,9 @@ docker:
 deploy-check: $(STAMP)
 	$(BIN)/python deploy/check.py
 
+# Evaluation data ships in bench/data. bench: bare-model baselines and qaserve rows in one table with ratios
+# (ARGS: --seconds, --limit, --backends, --models, --markdown FILE; see --help). accuracy: SQuAD v1.1 dev EM/F1
+# (ARGS: --backend torch|onnx, --model DIR, --limit N). parity: against the transformers 4.x pipeline (--backend).
 bench: $(STAMP)
 	$(BIN)/python -m bench.load $(ARGS)
 

@@ -1,10 +1,12 @@
 """SQuAD-style accuracy (official EM/F1) of qaserve's decoding, in process, for any model directory.
 
 The embedded model's card gives its scores through the transformers 4.x question-answering pipeline
-(SQuAD v1.1 dev: 58.42 EM / 70.58 F1); equal numbers here mean qaserve decodes as the pipeline does.
+(SQuAD v1.1 dev: 58.42 EM / 70.58 F1); equal numbers with --backend torch mean qaserve decodes as the pipeline does.
+--backend onnx scores the model directory's model.onnx through the same decoding. Data: bench/data (shipped).
 
-    make accuracy                                  # SQuAD v1.1 dev, embedded model (about 10 minutes on 2 cores)
-    make accuracy ARGS="--data ../shared/data/xquad.en.json"
+    make accuracy                                  # SQuAD v1.1 dev, embedded model, torch fp32 (about 10 minutes)
+    make accuracy ARGS="--backend onnx --limit 2000"
+    make accuracy ARGS="--model DIR --data bench/data/xquad.en.json.gz"
 """
 
 from __future__ import annotations
@@ -12,21 +14,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import re
 import string
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from qaserve.config import EMBEDDED_MODEL
+from bench.evaldata import SQUAD_DEV, load_questions
 from qaserve.qa import QARequest
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
 from qaserve.server import build_engine
 
 ROOT = Path(__file__).resolve().parents[1]
-SQUAD = ROOT.parent / "shared" / "data" / "squad-v1.1-dev.json"
+EMBEDDED = ROOT / "models" / "minilm-l6-squadshifts"
 
 
 def normalize(text: str) -> str:
@@ -47,27 +49,27 @@ def f1(prediction: str, truth: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-Question = tuple[str, str, list[str]]  # question, context, gold answers
+Question = tuple[str, str, tuple[str, ...]]  # question, context, gold answers
 
 
-def load_questions(data: Path, limit: int | None) -> list[Question]:
-    return [
-        (qa["question"], paragraph["context"], [a["text"] for a in qa["answers"]])
-        for article in json.loads(data.read_text())["data"]
-        for paragraph in article["paragraphs"]
-        for qa in paragraph["qas"]
-    ][:limit]
+@dataclass(frozen=True)
+class Score:
+    exact_match: float
+    f1: float
+    questions: int
+    seconds: float
+    dtype: str  # what the loaded model reports: float32 for torch; int8 or float32 for onnx
 
 
-async def evaluate(model_dir: Path, questions: list[Question], concurrency: int) -> tuple[float, float, int, float]:
-    models = ModelsConfig((ModelSpec("eval", str(model_dir), device="cpu"),), "eval")
+async def evaluate(model_dir: Path, backend: str, questions: list[Question], concurrency: int) -> Score:
+    models = ModelsConfig((ModelSpec("eval", str(model_dir), backend=backend, device="cpu"),), "eval")
     exact = f1_sum = 0.0
     started = time.perf_counter()
     with ThreadPoolExecutor(2) as executor:
         engine = build_engine(models, executor=executor)
         slots = asyncio.Semaphore(concurrency)
 
-        async def one(question: str, context: str, golds: list[str]) -> tuple[float, float]:
+        async def one(question: str, context: str, golds: tuple[str, ...]) -> tuple[float, float]:
             async with slots:
                 result = await engine.answer(QARequest(question, context))
             predicted = result.answers[0].answer
@@ -79,21 +81,32 @@ async def evaluate(model_dir: Path, questions: list[Question], concurrency: int)
         for em, f in await asyncio.gather(*(one(*q) for q in questions)):
             exact += em
             f1_sum += f
+        dtype = engine.registry.info("eval").dtype
         await engine.registry.close()
     n = len(questions)
-    return 100 * exact / n, 100 * f1_sum / n, n, time.perf_counter() - started
+    return Score(100 * exact / n, 100 * f1_sum / n, n, time.perf_counter() - started, dtype)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
-    parser.add_argument("--data", type=Path, default=SQUAD)
+    parser.add_argument("--model", type=Path, default=EMBEDDED, help="model directory (default: the embedded model)")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "auto"),
+        default="torch",
+        help="torch (fp32, the pipeline's numbers), onnx (the directory's model.onnx), or auto as the server picks",
+    )
+    parser.add_argument("--data", type=Path, default=SQUAD_DEV, help="SQuAD-format file, .json or .json.gz")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
-    questions = load_questions(args.data, args.limit)
-    em, f, n, seconds = asyncio.run(evaluate(args.model, questions, args.concurrency))
-    print(f"{args.data.name}: {n} questions, EM {em:.2f}, F1 {f:.2f}, {seconds:.0f} s ({n / seconds:.1f} questions/s)")
+    questions = [(q.question, q.context, q.answers) for q in load_questions(args.data)][: args.limit]
+    score = asyncio.run(evaluate(args.model, args.backend, questions, args.concurrency))
+    n, seconds = score.questions, score.seconds
+    print(
+        f"{args.data.name}: {n} questions, {args.model.name} --backend {args.backend} ({score.dtype}): "
+        f"EM {score.exact_match:.2f}, F1 {score.f1:.2f}, {seconds:.0f} s ({n / seconds:.1f} questions/s)"
+    )
     return 0
 
 

@@ -1,77 +1,341 @@
 """Throughput and latency of qaserve against the bare model, in one run, printed as one table with ratios.
 
-Rows per model: (a) raw in-process: the same model and tokenizer, tokenize + forward + decode, batch 1 latency and
-the best batched throughput; (b) qaserve with batching off at concurrency 32; (c) qaserve with batching on, closed-loop
-clients at concurrency 1, 8, 32, 64. Inputs are SQuAD v1.1 dev questions; a share of them get a context of three
-paragraphs, longer than max_seq_len, so windows are exercised.
+Workload: SQuAD v1.1 dev questions, every 35th one (302), each with its own paragraph as context (one window each,
+nearly always). Every row runs the same questions for the same measured seconds, after a warm-up:
 
-    make bench                      # both models
-    make bench ARGS="--models embedded --seconds 5"
+  (a)  bare transformers + torch fp32, in its own clean process (bench/bare.py: no qaserve import, the default
+       environment), tokenize + forward, one question at a time; answers are not decoded, the model call is the
+       baseline;
+  (a') the same with ONNX Runtime on the model directory's model.onnx (default SessionOptions);
+  qaserve serve --backend torch and --backend onnx, response cache off, each under closed-loop gRPC clients at
+       concurrency 1, 8, 32 and 64 (every in-flight slot loops over the workload);
+  one row of the default server (--backend auto, response cache on): the workload repeats, so it mostly measures
+       cache hits.
+
+Ratios against (a) on every row (q/s, and p50 difference at concurrency 1), and against (a') on the onnx rows.
+
+    make bench                                     # about 3 minutes per model
+    make bench ARGS="--seconds 5 --limit 100 --markdown bench.md"
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import random
-import re
+import platform
+import shlex
 import signal
-import statistics
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import grpc
-import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qaserve.config import EMBEDDED_MODEL, ModelSpec
-from qaserve.qa import QAParams, decode_answers
-from qaserve.runtime.model import QAModel, WindowInput
+from bench.evaldata import SQUAD_DEV, Question, load_questions
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-SQUAD = ROOT.parent / "shared" / "data" / "squad-v1.1-dev.json"
+EMBEDDED = ROOT / "models" / "minilm-l6-squadshifts"
+BARE = Path(__file__).resolve().with_name("bare.py")
 CONCURRENCY = (1, 8, 32, 64)
+CACHE_ROW_CONCURRENCY = 32
+REQUEST_TIMEOUT = 120.0  # seconds; far above any latency of a healthy run, so a slow row shows as latency
+# Variables that change how the frameworks run; the baselines and the servers start without them, as `make run` does
+# in a plain shell.
+CLEAN_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "QASERVE_")
 
 
-@dataclass(frozen=True)
-class Sample:
-    question: str
-    context: str
+@dataclass
+class Row:
+    model: str
+    label: str
+    backend: str  # torch | onnx | auto
+    concurrency: int
+    qps: float
+    p50: float  # milliseconds
+    p95: float
+    p99: float
+    errors: Counter[str] = field(default_factory=Counter)
+    bare: bool = False
 
 
-def load_samples(path: Path, count: int, long_share: float, seed: int = 0) -> list[Sample]:
-    """SQuAD questions; `long_share` of them get their paragraph plus the next two of the same article."""
-    data = json.loads(path.read_text())["data"]
-    rng = random.Random(seed)
-    pool: list[Sample] = []
-    for article in data:
-        paragraphs = article["paragraphs"]
-        for i, paragraph in enumerate(paragraphs):
-            for qa in paragraph["qas"]:
-                context = paragraph["context"]
-                if rng.random() < long_share and i + 2 < len(paragraphs):
-                    context = " ".join(p["context"] for p in paragraphs[i : i + 3])
-                pool.append(Sample(qa["question"], context))
-    rng.shuffle(pool)
-    return pool[:count]
+def select_workload(questions: Sequence[Question], stride: int, limit: int | None) -> list[tuple[str, str]]:
+    """Every `stride`-th question (from the first), each with its own paragraph; at most `limit` of them."""
+    return [(q.question, q.context) for q in questions[::stride]][:limit]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_PREFIXES)}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (bench/bare.py uses the same definition)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def onnx_label(model_dir: Path) -> str:
+    """ "int8" or "float32" from the export manifest, when there is one."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        quantization = json.loads((model_dir / "qaserve-onnx.json").read_text())["quantization"]
+        return "int8" if quantization == "int8" else "float32"
+    return "model.onnx"
+
+
+# -- (a), (a') the bare model ---------------------------------------------------------------------------------------
+
+
+def run_bare(
+    backend: str, model: str, model_dir: Path, workload_file: Path, seconds: float, warmup: float
+) -> tuple[Row, dict[str, object]]:
+    command = [sys.executable, "-P", str(BARE), "--backend", backend, "--model", str(model_dir)]
+    command += ["--workload", str(workload_file), "--seconds", str(seconds), "--warmup", str(warmup)]
+    done = subprocess.run(command, env=clean_env(), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bare {backend} baseline failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    label = "(a) bare torch fp32" if backend == "torch" else f"(a') bare ONNX Runtime {onnx_label(model_dir)}"
+    row = Row(model, label, backend, 1, result["qps"], result["p50_ms"], result["p95_ms"], result["p99_ms"], bare=True)
+    return row, result
+
+
+# -- the server rows -------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """`qaserve serve` in its own process on a free loopback port, CPU, metrics endpoint off, otherwise with the
+    defaults of `make run` (plus --server-args)."""
+
+    def __init__(
+        self, qaserve: str, model_dir: Path, name: str, backend: str, cache: bool, extra: Sequence[str]
+    ) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.command = [
+            qaserve, "serve", "--model", str(model_dir), "--model-name", name, "--device", "cpu",
+            "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0", "--drain-seconds", "0",
+        ]  # fmt: skip
+        if backend != "auto":  # auto is the default: that row starts the server as `make run` does
+            self.command += ["--backend", backend]
+        if not cache:
+            self.command += ["--response-cache-bytes", "0"]
+        self.command += list(extra)
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (the server's output; closed in stop())
+        self.proc = subprocess.Popen(self.command, env=clean_env(), stdout=self.log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-3000:]
+
+    async def ready(self, limit: float = 300.0) -> None:
+        until = time.monotonic() + limit
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < until:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{shlex.join(self.command)} exited with {self.proc.returncode}:\n{self.output()}"
+                    )
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"the server did not report SERVING within {limit:.0f} s:\n{self.output()}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+async def closed_loop(
+    target: str, workload: list[tuple[str, str]], concurrency: int, seconds: float, warmup: float
+) -> tuple[float, list[float], Counter[str]]:
+    """`concurrency` in-flight slots, each sending its next question as soon as the previous answer arrives; returns
+    answers per second, latencies (s) of the measured answers, and errors by gRPC code (warm-up included)."""
+    errors: Counter[str] = Counter()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.QuestionAnsweringServiceStub(channel)
+        requests = [pb.AnswerRequest(question=q, context=c) for q, c in workload]
+
+        async def slot(index: int, until: float, latencies: list[float]) -> None:
+            i = index * len(requests) // concurrency  # slots start spread over the workload
+            while time.perf_counter() < until:
+                t0 = time.perf_counter()
+                try:
+                    await stub.Answer(requests[i % len(requests)], timeout=REQUEST_TIMEOUT)
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] += 1
+                else:
+                    latencies.append(time.perf_counter() - t0)
+                i += 1
+
+        warm_until = time.perf_counter() + warmup
+        await asyncio.gather(*(slot(c, warm_until, []) for c in range(concurrency)))
+        latencies: list[float] = []
+        started = time.perf_counter()
+        await asyncio.gather(*(slot(c, started + seconds, latencies) for c in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return len(latencies) / elapsed, latencies, errors
+
+
+def server_rows(
+    args: argparse.Namespace, model: str, model_dir: Path, workload: list[tuple[str, str]], backend: str, cache: bool
+) -> list[Row]:
+    server = ServerProcess(args.qaserve, model_dir, model, backend, cache, shlex.split(args.server_args))
+    label = f"qaserve --backend {backend}, cache off" if not cache else "qaserve default (backend auto, cache on)"
+    rows = []
+    try:
+        asyncio.run(server.ready())
+        for concurrency in [CACHE_ROW_CONCURRENCY] if cache else args.concurrency:
+            qps, latencies, errors = asyncio.run(
+                closed_loop(server.target, workload, concurrency, args.seconds, args.warmup)
+            )
+            ms = [s * 1e3 for s in latencies] or [float("nan")]
+            p50, p95, p99 = (percentile(ms, q) for q in (0.5, 0.95, 0.99))
+            row = Row(model, label, backend, concurrency, qps, p50, p95, p99, errors)
+            progress(row)
+            rows.append(row)
+    finally:
+        server.stop()
+    return rows
+
+
+# -- the report ------------------------------------------------------------------------------------------------------
+
+
+def progress(row: Row) -> None:
+    print(f"  {row.model}: {row.label} @ {row.concurrency}: {row.qps:.1f} q/s, p50 {row.p50:.1f} ms", file=sys.stderr)
+
+
+def ratio_cells(row: Row, base: Row | None) -> tuple[str, str]:
+    """q/s ratio and, at concurrency 1, the p50 difference in ms, against a baseline row."""
+    if base is None:
+        return "", ""
+    qps = f"{row.qps / base.qps:.2f}x"
+    p50 = f"{row.p50 - base.p50:+.1f}" if row.concurrency == 1 else ""
+    return qps, p50
+
+
+def format_errors(errors: Counter[str]) -> str:
+    return ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) or "0"
+
+
+def table(rows: list[Row], baselines: dict[tuple[str, str], Row]) -> list[str]:
+    lines = [
+        "| model | row | concurrency | q/s | p50 ms | p95 ms | p99 ms | errors | q/s vs (a) | p50 vs (a), ms "
+        "| q/s vs (a') | p50 vs (a'), ms |",
+        "|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        a = ratio_cells(row, baselines.get((row.model, "torch")))
+        a_onnx = ratio_cells(row, baselines.get((row.model, "onnx"))) if row.backend == "onnx" else ("", "")
+        errors = "" if row.bare else format_errors(row.errors)
+        lines.append(
+            f"| {row.model} | {row.label} | {row.concurrency} | {row.qps:.1f} | {row.p50:.1f} | {row.p95:.1f} "
+            f"| {row.p99:.1f} | {errors} | {a[0]} | {a[1]} | {a_onnx[0]} | {a_onnx[1]} |"
+        )
+    return lines
+
+
+def summary(rows: list[Row], baselines: dict[tuple[str, str], Row]) -> list[str]:
+    """One line per served backend: the concurrency-1 latency cost and the concurrency-32 throughput ratio."""
+    lines = []
+    for (model, backend), group in group_rows(rows).items():
+        a = baselines.get((model, "torch"))
+        if a is None:
+            continue
+        parts = []
+        for row in group:
+            if row.concurrency == 1:
+                parts.append(f"concurrency 1 p50 {row.p50 - a.p50:+.1f} ms vs (a)")
+            if row.concurrency == 32:
+                parts.append(f"concurrency 32 {row.qps / a.qps:.2f}x (a)'s q/s")
+                if backend == "onnx" and (model, "onnx") in baselines:
+                    parts.append(f"{row.qps / baselines[(model, 'onnx')].qps:.2f}x (a')'s")
+        if parts:
+            lines.append(f"- {model}, qaserve --backend {backend}, cache off: " + "; ".join(parts))
+    return lines
+
+
+def group_rows(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        if not row.bare and row.backend != "auto":
+            groups.setdefault((row.model, row.backend), []).append(row)
+    return groups
+
+
+def version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    system = f"{platform.system()} {platform.release()}"
+    return f"{os.cpu_count()} CPU cores ({usable} usable by this process), {cpu}, {system}"
+
+
+def git_commit() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True)  # fmt: skip
+        if done.returncode == 0:
+            return done.stdout.strip() + (" + local changes" if dirty.stdout.strip() else "")
+    return "unknown"
+
+
+def command_line(argv: Sequence[str]) -> str:
+    python = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        python = python.relative_to(Path.cwd())
+    return shlex.join([str(python), "-m", "bench.load", *argv])
+
+
+# -- the run ---------------------------------------------------------------------------------------------------------
 
 
 def build_distilbert_base(directory: Path) -> Path:
-    """A distilbert-base-sized (66M parameters) random-weight QA model with the embedded tokenizer."""
+    """A distilbert-base-sized (66M parameters) random-weight QA model with the embedded tokenizer: it measures
+    cost, not answers."""
+    import torch
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertForQuestionAnswering
 
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED)
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
     config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=768, n_layers=6, n_heads=12, hidden_dim=3072)
     DistilBertForQuestionAnswering(config).save_pretrained(directory)
@@ -79,272 +343,119 @@ def build_distilbert_base(directory: Path) -> Path:
     return directory
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def model_dirs(names: str, scratch: Path) -> list[tuple[str, Path]]:
+    found = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        if name == "embedded":
+            found.append(("embedded", EMBEDDED))
+        elif name == "distilbert-base":
+            found.append((name, build_distilbert_base(scratch / name)))
+        elif Path(name).is_dir():
+            found.append((Path(name).resolve().name, Path(name).resolve()))
+        else:
+            raise SystemExit(f"--models: {name!r} is neither embedded, distilbert-base nor a model directory")
+    return found
 
 
-# -- (a) the bare model --------------------------------------------------------------------------------------------
-
-
-def raw_latency(model: QAModel, samples: list[Sample], seconds: float) -> tuple[float, float]:
-    """p50 seconds and requests/s of tokenize + forward + decode, one request at a time."""
-    replica = model.replicas[0]
-    params = model.resolve(QAParams())
-    latencies: list[float] = []
-    started = time.perf_counter()
-    until = started + seconds
-    for sample in cycle(samples):
-        if time.perf_counter() > until:
-            break
-        t0 = time.perf_counter()
-        windows = model.split(sample.question, sample.context, params)
-        outputs = replica.forward(QAModel.inputs(windows))
-        decode(sample, windows, outputs, params)
-        latencies.append(time.perf_counter() - t0)
-    return statistics.median(latencies), len(latencies) / (time.perf_counter() - started)
-
-
-def raw_batched(model: QAModel, samples: list[Sample], seconds: float) -> tuple[float, int]:
-    """Best requests/s of tokenize + forward + decode with ideal batching: groups of 64 requests, their windows
-    sorted by length and packed up to a padded-token budget (0: one window per pass); the best budget wins.
-    No server, no queueing: the limit a server on this model and machine can approach."""
-    replica = model.replicas[0]
-    params = model.resolve(QAParams())
-    best, best_budget = 0.0, 0
-    budgets = (0, 512, 1024, 2048, 4096)  # 0: one window per forward pass
-    for budget in budgets:
-        done = 0
-        it = cycle(samples)
-        started = time.perf_counter()
-        while time.perf_counter() - started < seconds / len(budgets):
-            group = []
-            for _ in range(64):
-                sample = next(it)
-                group.append((sample, model.split(sample.question, sample.context, params)))
-            flat = [(r, w, x) for r, (_, windows) in enumerate(group) for w, x in enumerate(QAModel.inputs(windows))]
-            flat.sort(key=lambda item: len(item[2].input_ids))
-            outputs: dict[tuple[int, int], object] = {}
-            batch: list[tuple[int, int, WindowInput]] = []
-            for item in [*flat, None]:
-                width = max([len(x.input_ids) for *_, x in batch] + ([len(item[2].input_ids)] if item else [0]))
-                if batch and (item is None or width * (len(batch) + 1) > max(budget, width)):
-                    for (r, w, _), out in zip(batch, replica.forward([x for *_, x in batch]), strict=True):
-                        outputs[(r, w)] = out
-                    batch = []
-                if item is not None:
-                    batch.append(item)
-            for r, (sample, windows) in enumerate(group):
-                decode(sample, windows, [outputs[(r, w)] for w in range(len(windows))], params)
-            done += len(group)
-        qps = done / (time.perf_counter() - started)
-        if qps > best:
-            best, best_budget = qps, budget
-    return best, best_budget
-
-
-def decode(sample: Sample, windows, outputs, params: QAParams) -> None:  # type: ignore[no-untyped-def]
-    start = torch.nn.utils.rnn.pad_sequence([o.start for o in outputs], batch_first=True)
-    end = torch.nn.utils.rnn.pad_sequence([o.end for o in outputs], batch_first=True)
-    decode_answers(sample.context, windows, start, end, params)
-
-
-def cycle(samples: list[Sample]) -> Iterator[Sample]:
-    while True:
-        yield from samples
-
-
-# -- (b), (c) the server -------------------------------------------------------------------------------------------
-
-
-class ServerProcess:
-    """`qaserve serve` in a subprocess on free ports."""
-
-    def __init__(self, model_dir: Path, name: str, **flags: object) -> None:
-        self.port = free_port()
-        self.metrics_port = free_port()
-        args = [
-            sys.executable, "-m", "qaserve.main", "serve", "--model", str(model_dir), "--model-name", name,
-            "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-            "--log-level", "WARNING",
-        ]  # fmt: skip
-        for key, value in flags.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
-        self.proc = subprocess.Popen(args)
-        self.target = f"127.0.0.1:{self.port}"
-
-    async def ready(self, limit: float = 120) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        until = time.monotonic() + limit
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < until:
-                try:
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.2)
-        raise TimeoutError("server did not become ready")
-
-    def scrape(self) -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            match = re.match(r"^(qaserve_(?:batch_windows|padding_ratio)_(?:sum|count))\{[^}]*\} (\S+)$", line)
-            if match:
-                values[match.group(1)] = values.get(match.group(1), 0.0) + float(match.group(2))
-        return values
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class LoadResult:
-    qps: float
-    p50: float
-    p95: float
-    p99: float
-    errors: int
-    windows_per_batch: float
-    padding: float
-
-
-async def closed_loop(server: ServerProcess, samples: list[Sample], concurrency: int, seconds: float) -> LoadResult:
-    """`concurrency` clients, each sending its next request as soon as the previous one returns."""
-    latencies: list[float] = []
-    errors = 0
-    async with grpc.aio.insecure_channel(server.target) as channel:
-        stub = pb_grpc.QuestionAnsweringServiceStub(channel)
-        requests = [pb.AnswerRequest(question=s.question, context=s.context) for s in samples]
-
-        async def client(offset: int, until: float, record: bool) -> None:
-            nonlocal errors
-            i = offset
-            while time.perf_counter() < until:
-                t0 = time.perf_counter()
-                try:
-                    await stub.Answer(requests[i % len(requests)], timeout=30)
-                    if record:
-                        latencies.append(time.perf_counter() - t0)
-                except grpc.aio.AioRpcError:
-                    errors += record
-                i += concurrency
-
-        warm_until = time.perf_counter() + min(2.0, seconds / 4)
-        await asyncio.gather(*(client(c, warm_until, False) for c in range(concurrency)))
-        before = await asyncio.to_thread(server.scrape)
-        started = time.perf_counter()
-        await asyncio.gather(*(client(c, started + seconds, True) for c in range(concurrency)))
-        elapsed = time.perf_counter() - started
-        after = await asyncio.to_thread(server.scrape)
-
-    def delta(key: str) -> float:
-        return after.get(key, 0.0) - before.get(key, 0.0)
-
-    batches = delta("qaserve_batch_windows_count") or 1.0
-    return LoadResult(
-        qps=len(latencies) / elapsed,
-        p50=percentile(latencies, 0.50),
-        p95=percentile(latencies, 0.95),
-        p99=percentile(latencies, 0.99),
-        errors=errors,
-        windows_per_batch=delta("qaserve_batch_windows_sum") / batches,
-        padding=delta("qaserve_padding_ratio_sum") / batches,
-    )
-
-
-# -- the run -------------------------------------------------------------------------------------------------------
-
-
-def bench_model(name: str, model_dir: Path, samples: list[Sample], seconds: float) -> list[str]:
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    model = QAModel.load(ModelSpec(name, str(model_dir), device="cpu"))
-    bs1, bs1_qps = raw_latency(model, samples, seconds)
-    batched, budget = raw_batched(model, samples, seconds)
-    model.close()
-    windows = statistics.mean(len(model.split(s.question, s.context, model.resolve(QAParams()))) for s in samples[:200])
-    del model
-
-    rows = [
-        f"| {name} | (a) raw, batch 1 | 1 | {bs1_qps:.1f} | {bs1 * 1e3:.1f} | | | | |",
-        f"| {name} | (a) raw, best batching ({f'<= {budget} padded tokens' if budget else '1 window'}) | - | "
-        f"{batched:.1f} | | | | | |",
-    ]
-    results: dict[tuple[str, int], LoadResult] = {}
-    for label, flags, levels in (
-        ("(b) qaserve, batching off", {"max_batch_windows": 1}, (32,)),
-        ("(c) qaserve, batching on", {}, CONCURRENCY),
-    ):
-        server = ServerProcess(model_dir, name, device="cpu", **flags)
-        try:
-            asyncio.run(server.ready())
-            for c in levels:
-                r = asyncio.run(closed_loop(server, samples, c, seconds))
-                results[(label[:3], c)] = r
-                rows.append(
-                    f"| {name} | {label} | {c} | {r.qps:.1f} | {r.p50 * 1e3:.1f} | {r.p95 * 1e3:.1f} | "
-                    f"{r.p99 * 1e3:.1f} | {r.windows_per_batch:.1f} / {r.padding:.2f} | {r.errors} |"
-                )
-        finally:
-            server.stop()
-
-    c1, c32, b32 = results[("(c)", 1)], results[("(c)", 32)], results[("(b)", 32)]
-    rows.append(
-        f"| {name} | **ratios** | | (c)@32 / (a) batched = **{c32.qps / batched:.2f}**; "
-        f"(c)@32 / (b)@32 = **{c32.qps / b32.qps:.2f}** | (c)@1 p50 - (a) bs1 = **{(c1.p50 - bs1) * 1e3:+.1f} ms** "
-        f"| | | avg windows/request {windows:.2f} | |"
-    )
-    return rows
-
-
-def main() -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--models", default="embedded,distilbert-base", help="comma-separated: embedded, distilbert-base"
+        "--models",
+        default="embedded",
+        help="comma-separated: embedded, distilbert-base (random weights, 66M parameters), or model directories",
     )
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per row")
-    parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--long-share", type=float, default=0.2, help="share of contexts made of three paragraphs")
-    parser.add_argument("--data", type=Path, default=SQUAD)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--backends", default="torch,onnx", help="backends served with the cache off: torch, onnx, or empty"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row (default 10)")
+    parser.add_argument("--warmup", type=float, help="seconds run before each row is measured (default min(2, s/4))")
+    parser.add_argument("--stride", type=int, default=35, help="every N-th SQuAD dev question (default 35)")
+    parser.add_argument("--limit", type=int, help="at most N questions")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="closed-loop levels")
+    parser.add_argument(
+        "--cache-row",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also run the default server (--backend auto, response cache on) at concurrency {CACHE_ROW_CONCURRENCY}",
+    )
+    parser.add_argument("--data", type=Path, default=SQUAD_DEV, help="SQuAD-format file (.json or .json.gz)")
+    parser.add_argument("--markdown", type=Path, help="also write the report to this file")
+    parser.add_argument(
+        "--qaserve",
+        default=str(Path(sys.executable).with_name("qaserve")),
+        help="the qaserve executable to start (default: this Python's console script)",
+    )
+    parser.add_argument("--server-args", default="", help='extra flags for every server, e.g. "--intra-op-threads 1"')
+    args = parser.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if unknown := set(args.backends) - {"torch", "onnx"}:
+        parser.error(f"--backends: unknown {', '.join(sorted(unknown))} (torch, onnx)")
+    if args.warmup is None:
+        args.warmup = min(2.0, args.seconds / 4)
+    if args.stride < 1 or (args.limit is not None and args.limit < 1) or min(args.concurrency) < 1:
+        parser.error("--stride, --limit and --concurrency must be at least 1")
+    return args
 
-    samples = load_samples(args.data, args.samples, args.long_share)
-    header = [
-        f"qaserve bench: {len(samples)} SQuAD v1.1 dev questions ({args.long_share:.0%} with 3-paragraph contexts), "
-        f"{args.seconds:g} s per row, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    workload = select_workload(load_questions(args.data), args.stride, args.limit)
+    rows: list[Row] = []
+    baselines: dict[tuple[str, str], Row] = {}
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        workload_file = Path(scratch) / "workload.json"
+        workload_file.write_text(json.dumps(workload))
+        for model, model_dir in model_dirs(args.models, Path(scratch)):
+            has_onnx = (model_dir / "model.onnx").is_file()
+            bare = ["torch", "onnx"] if has_onnx else ["torch"]
+            if not has_onnx:
+                notes.append(f"{model}: no model.onnx, so no (a') and no onnx rows (`qaserve export` writes one)")
+            for backend in bare:
+                row, result = run_bare(backend, model, model_dir, workload_file, args.seconds, args.warmup)
+                baselines[(model, backend)] = row
+                rows.append(row)
+                progress(row)
+                if backend == "torch":
+                    notes.append(
+                        f"{model}: {result['windows']} windows for {result['questions']} questions, mean "
+                        f"{result['mean_window_tokens']:.0f} tokens; bare torch on {result['threads']} threads"
+                    )
+            for backend in args.backends:
+                if backend == "onnx" and not has_onnx:
+                    continue
+                rows += server_rows(args, model, model_dir, workload, backend, cache=False)
+            if args.cache_row:
+                rows += server_rows(args, model, model_dir, workload, "auto", cache=True)
+
+    errors = sum(sum(row.errors.values()) for row in rows)
+    report = [
+        f"qaserve bench: {len(workload)} questions of {args.data.name} (1 in {args.stride}, each with its own "
+        f"paragraph), {args.seconds:g} s per row after {args.warmup:g} s of warm-up",
         "",
-        "| model | row | concurrency | requests/s | p50 ms | p95 ms | p99 ms | windows per batch / padding | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"- machine: {machine()}",
+        f"- versions: python {platform.python_version()}, qaserve {version('qaserve')} (git {git_commit()}), "
+        f"torch {version('torch')}, transformers {version('transformers')}, onnxruntime {version('onnxruntime')}, "
+        f"tokenizers {version('tokenizers')}, grpcio {version('grpcio')}",
+        f"- command: `{command_line(argv)}`",
+        *(f"- {note}" for note in notes),
+        "- (a), (a'): bench/bare.py in a clean process (no qaserve import, no OMP_/MKL_/QASERVE_ variables), "
+        "tokenize + forward one question at a time, answers not decoded. Server rows: `qaserve serve --device cpu` "
+        "(and `--response-cache-bytes 0` where the cache is off) in the same clean environment, closed-loop gRPC "
+        "clients in this process; q/s counts answers.",
+        "",
+        *table(rows, baselines),
+        "",
+        *summary(rows, baselines),
+        f"- errors: {errors}",
     ]
-    print("\n".join(header), flush=True)
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(1):
-        for name in args.models.split(","):
-            if name == "embedded":
-                model_dir = EMBEDDED_MODEL
-            elif name == "distilbert-base":
-                model_dir = build_distilbert_base(Path(tmp) / "distilbert-base")
-            else:
-                parser.error(f"unknown model {name!r}")
-            for row in bench_model(name, model_dir, samples, args.seconds):
-                print(row, flush=True)
-    return 0
+    text = "\n".join(report)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 transformers 5 has no QA pipeline, so the reference runs in a second virtual environment with transformers 4.57.6
 (`make parity` builds .venv-hf4). Several parameter sets cover multi-window contexts, top_k, the impossible answer
-and unaligned spans. Prints one line per set: questions, identical answer lists, largest score difference.
+and unaligned spans. Prints one line per set: questions, identical answer lists (text, start, end, order) and their
+share, largest score difference among them. --backend torch must be 100% identical (exit 1 otherwise); --backend
+onnx (the directory's model.onnx, int8 for the embedded model) reports its agreement with the pipeline.
+Data: XQuAD English, shipped in bench/data.
 
     make parity
-    .venv/bin/python -m bench.parity --reference-python .venv-hf4/bin/python --limit 100
+    make parity ARGS="--backend onnx --limit 100"
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+# Top-level imports stay in the standard library: the reference side runs this file in the transformers 4.x
+# environment, which has neither qaserve nor bench installed.
 ROOT = Path(__file__).resolve().parents[1]
-XQUAD = ROOT.parent / "shared" / "data" / "xquad.en.json"
+XQUAD = ROOT / "bench" / "data" / "xquad.en.json.gz"
 PARAMETER_SETS: list[dict[str, Any]] = [
     {"top_k": 3},
     {"top_k": 5, "max_seq_len": 96, "doc_stride": 32},
@@ -30,42 +35,41 @@ PARAMETER_SETS: list[dict[str, Any]] = [
 
 
 def questions(data: Path, limit: int) -> list[tuple[str, str]]:
-    found = [
-        (qa["question"], p["context"])
-        for article in json.loads(data.read_text())["data"]
-        for p in article["paragraphs"]
-        for qa in p["qas"]
-    ]
-    return found[:limit]
+    from bench.evaldata import load_questions
+
+    return [(q.question, q.context) for q in load_questions(data)][:limit]
 
 
-def reference(model: str, data: Path, limit: int) -> None:
-    """Runs inside the transformers 4.x environment: prints the pipeline's answers as JSON."""
+def reference(model: str) -> None:
+    """Runs inside the transformers 4.x environment: reads [[question, context], ...] as JSON on stdin and prints
+    the pipeline's answers as JSON."""
     import torch
     from transformers import pipeline
 
+    asked = json.load(sys.stdin)
     qa = pipeline("question-answering", model=model, tokenizer=model, device=-1, torch_dtype=torch.float32)
     out = []
     for params in PARAMETER_SETS:
         answers = []
-        for question, context in questions(data, limit):
+        for question, context in asked:
             result = qa(question=question, context=context, **params)
             answers.append(result if isinstance(result, list) else [result])
         out.append(answers)
     json.dump(out, sys.stdout)
 
 
-async def ours(model: str, data: Path, limit: int) -> list[list[list[dict[str, Any]]]]:
+async def ours(model: str, backend: str, asked: list[tuple[str, str]]) -> list[list[list[dict[str, Any]]]]:
     from qaserve.qa import QAParams, QARequest
     from qaserve.runtime.spec import ModelsConfig, ModelSpec
     from qaserve.server import build_engine
 
+    models = ModelsConfig((ModelSpec("m", model, backend=backend, device="cpu"),), "m")
     out = []
     with ThreadPoolExecutor(2) as executor:
-        engine = build_engine(ModelsConfig((ModelSpec("m", model, device="cpu"),), "m"), executor=executor)
+        engine = build_engine(models, executor=executor)
         for params in PARAMETER_SETS:
             results = await asyncio.gather(
-                *(engine.answer(QARequest(q, c, params=QAParams(**params))) for q, c in questions(data, limit))
+                *(engine.answer(QARequest(q, c, params=QAParams(**params))) for q, c in asked)
             )
             out.append(
                 [
@@ -77,38 +81,51 @@ async def ours(model: str, data: Path, limit: int) -> list[list[list[dict[str, A
     return out
 
 
-def _answer(a: Any) -> dict[str, Any]:
-    return {"answer": a.answer, "score": a.score, "start": a.start, "end": a.end}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "models" / "minilm-l6-squadshifts"))
-    parser.add_argument("--data", type=Path, default=XQUAD)
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch: must match the pipeline exactly; onnx: the directory's model.onnx, agreement reported",
+    )
+    parser.add_argument("--data", type=Path, default=XQUAD, help="SQuAD-format file, .json or .json.gz")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--reference-python", help="python of a transformers 4.x environment")
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference:
-        reference(args.model, args.data, args.limit)
+        reference(args.model)
         return 0
     if not args.reference_python:
         parser.error("--reference-python is required (make parity sets it up)")
+    asked = questions(args.data, args.limit)
     command = [args.reference_python, str(Path(__file__)), "--reference", "--model", args.model]
-    command += ["--data", str(args.data), "--limit", str(args.limit)]
-    expected = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    got = asyncio.run(ours(args.model, args.data, args.limit))
-    failed = False
+    done = subprocess.run(command, input=json.dumps(asked), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"the reference pipeline failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
+        return 1
+    expected = json.loads(done.stdout)
+    got = asyncio.run(ours(args.model, args.backend, asked))
+    print(f"{args.data.name}, {Path(args.model).name} --backend {args.backend} against the transformers 4.x pipeline:")
+    total = identical = 0
     for params, want, have in zip(PARAMETER_SETS, expected, got, strict=True):
-        same = worst = 0.0
+        same = 0
+        worst = 0.0
         for w, h in zip(want, have, strict=True):
             if [(a["answer"], a["start"], a["end"]) for a in w] == [(a["answer"], a["start"], a["end"]) for a in h]:
                 same += 1
                 worst = max([worst, *(abs(a["score"] - b["score"]) for a, b in zip(w, h, strict=True))])
-        failed |= same != len(want)
-        print(f"{json.dumps(params)}: {len(want)} questions, {int(same)} identical answer lists, ", end="")
-        print(f"max |score diff| {worst:.2e}")
-    return 1 if failed else 0
+        total += len(want)
+        identical += same
+        print(
+            f"{json.dumps(params)}: {len(want)} questions, {same} identical answer lists "
+            f"({100 * same / len(want):.1f}%), max |score diff| among them {worst:.2e}"
+        )
+    print(f"overall: {identical}/{total} identical answer lists ({100 * identical / total:.1f}%)")
+    # torch must reproduce the pipeline; int8 weights move some spans, which is what the percentage reports.
+    return 1 if args.backend == "torch" and identical != total else 0
 
 
 if __name__ == "__main__":
