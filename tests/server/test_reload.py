@@ -18,6 +18,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from qaserve.qa import QAParams
+from qaserve.qa.windowing import resolve_params
+from qaserve.runtime.backends import load_model
+from qaserve.runtime.spec import ModelSpec
 from qaserve.server import QAServer, create_server
 from qaserve_client.v1 import model_service_pb2 as mpb
 from qaserve_client.v1 import model_service_pb2_grpc as mpb_grpc
@@ -81,6 +85,26 @@ async def test_model_defaults_apply_to_requests_that_leave_them_unset(
     assert len(elsewhere.answers) == 1  # other models keep the pipeline's
     assert server.engine.registry.loaded("main").batcher.limits.max_windows == 2  # type: ignore[union-attr]
     assert server.engine.registry.loaded("other").batcher.limits.max_windows == 32  # type: ignore[union-attr]
+
+
+def test_defaults_resolve_request_then_model_then_pipeline() -> None:
+    model = QAParams(top_k=3, max_answer_len=30, max_seq_len=256, doc_stride=100)
+
+    assert resolve_params(QAParams(), 512, model) == QAParams(
+        top_k=3, max_answer_len=30, max_seq_len=256, doc_stride=100
+    )
+    assert resolve_params(QAParams(top_k=1, max_seq_len=128), 512, model) == QAParams(
+        top_k=1, max_answer_len=30, max_seq_len=128, doc_stride=100
+    )
+    # A default stride that does not fit a request's shorter windows gives way to the pipeline's rule.
+    assert resolve_params(QAParams(max_seq_len=64), 512, model).doc_stride is None
+    assert resolve_params(QAParams(), 200, model).max_seq_len == 200  # never past the model's limit
+    assert resolve_params(QAParams(), 512) == QAParams(top_k=1, max_answer_len=15, max_seq_len=384)
+
+
+def test_a_default_max_seq_len_past_the_models_limit_fails_its_load(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="max_seq_len 4096 is longer than this model's limit of 512 tokens"):
+        load_model(ModelSpec("long", str(tiny_model_dir), device="cpu", max_seq_len=4096))
 
 
 async def test_a_models_in_flight_bound_refuses_its_excess_while_other_models_serve(
