@@ -34,9 +34,18 @@ async def serve(settings: Settings) -> int:
         received.append(sig)
         (hurry if stop.is_set() else stop).set()
 
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_hangup() -> None:  # re-read the models file; QAServer runs reloads one after another
+        log.info("SIGHUP: reloading the models file")
+        task: asyncio.Task[object] = asyncio.create_task(server.reload_models())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     log.info("settings: %s", settings.describe())
     log.info(
         "gRPC on %s:%d (%s%s), health-only port %s, metrics %s",
@@ -63,6 +72,9 @@ async def serve(settings: Settings) -> int:
         await _flush(tracing)
         return 1
     await stopping
+    loop.remove_signal_handler(signal.SIGHUP)
+    for task in reloads:  # a reload half done when the server stops has nothing left to serve
+        task.cancel()
     # SIGTERM (Kubernetes, docker stop) drains: endpoints and client-side balancers need a moment to stop sending
     # here. SIGINT (Ctrl-C) and a second signal skip the drain.
     if received[0] == signal.SIGTERM and server.serving and settings.drain_seconds > 0:

@@ -17,11 +17,12 @@ from qaserve.api import ModelServicer, QuestionAnsweringServicer
 from qaserve.api.auth import BearerTokenInterceptor, BearerTokens, ServerTLS
 from qaserve.api.health import NOT_SERVING, REFLECTED_SERVICES, SERVING, DrainingHealthServicer, ModelHealth
 from qaserve.api.wire import MalformedRequestInterceptor
-from qaserve.config import Settings, models_config
+from qaserve.config import ConfigError, Settings, models_config
 from qaserve.metrics import Metrics, http_address
 from qaserve.qa import QAResult
 from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine, ResponseCache
 from qaserve.runtime.backends import model_loader
+from qaserve.runtime.registry import Reconfigured
 from qaserve.runtime.spec import ModelsConfig
 from qaserve.tracing import Tracing
 from qaserve_client.v1 import model_service_pb2_grpc
@@ -125,6 +126,8 @@ class QAServer:
         self.serving = False
         self._executor = executor
         self._metrics_http: object | None = None
+        # Start-up's preload and reloads run one at a time, each reading the file afresh.
+        self._models_lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Starts serving; health reports SERVING once the default model is loaded and warmed up."""
@@ -138,10 +141,28 @@ class QAServer:
             http_server, _ = start_http_server(self.settings.metrics_port, address, self.metrics.registry)
             self._metrics_http = http_server
             self.metrics_port = http_server.server_port
-        await self.engine.registry.preload()
+        async with self._models_lock:
+            await self.engine.registry.preload()
         await self.health.set_server(SERVING)
         self.serving = True
         log.info("serving %s", ", ".join(self.engine.registry.specs))
+
+    async def reload_models(self) -> Reconfigured | None:
+        """Re-reads --models-config and serves what it says now (ModelRegistry.reconfigure), without failing a
+        request in flight. A file that does not read or validate is logged in one line and changes nothing.
+        Returns what changed; None when nothing was read (no models file, or a bad one)."""
+        if not self.settings.models_config:
+            log.info("reload: serving --model %s without --models-config; nothing to reload", self.settings.model)
+            return None
+        async with self._models_lock:
+            try:
+                config = await asyncio.to_thread(models_config, self.settings)
+            except ConfigError as error:
+                log.error("reload: keeping the current models: %s", error)
+                return None
+            changes = await self.engine.registry.reconfigure(config)
+        log.info("reload of %s: %s", self.settings.models_config, changes.describe())
+        return changes
 
     async def drain(self, seconds: float, cut_short: asyncio.Event | None = None) -> None:
         """Health NOT_SERVING (for good) while every request, new or in flight, is still served for `seconds`, or

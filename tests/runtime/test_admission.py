@@ -21,6 +21,7 @@ from qaserve.metrics import Metrics
 from qaserve.qa import QARequest
 from qaserve.runtime.engine import QAEngine
 from qaserve.runtime.registry import ModelRegistry
+from qaserve.runtime.spec import ModelSpec
 
 PATIENCE = 5.0
 RETRY_AFTER = 0.25
@@ -37,6 +38,9 @@ class GatedRegistry:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.calls = 0
+
+    def spec(self, name: str) -> ModelSpec:
+        return ModelSpec(name or "default", "/models/default")
 
     @contextlib.asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[object]:
@@ -144,6 +148,9 @@ async def test_cancelled_request_gives_its_slot_back(rig: Rig) -> None:
 
 async def test_request_failing_before_the_model_gives_its_slot_back(executor: ThreadPoolExecutor) -> None:
     class UnknownModels:
+        def spec(self, name: str) -> ModelSpec:
+            raise ModelNotFound(name)
+
         @contextlib.asynccontextmanager
         async def use(self, name: str) -> AsyncIterator[object]:
             raise ModelNotFound(name)

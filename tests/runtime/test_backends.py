@@ -64,8 +64,8 @@ def test_torch_and_onnx_give_the_same_answers(torch_dir: str, onnx_dir: str, req
             np.testing.assert_allclose(a.start, b.start, atol=1e-4)
             np.testing.assert_allclose(a.end, b.end, atol=1e-4)
         windows = torch_model.split(QUESTION, CONTEXT, params)
-        [best_torch] = decode_answers(CONTEXT, windows, *stack(by_torch), QAParams(max_seq_len=32))
-        [best_onnx] = decode_answers(CONTEXT, windows, *stack(by_onnx), QAParams(max_seq_len=32))
+        [best_torch] = decode_answers(CONTEXT, windows, *stack(by_torch), torch_model.resolve(QAParams(max_seq_len=32)))
+        [best_onnx] = decode_answers(CONTEXT, windows, *stack(by_onnx), onnx_model.resolve(QAParams(max_seq_len=32)))
         assert (best_onnx.answer, best_onnx.start, best_onnx.end) == (
             best_torch.answer,
             best_torch.start,

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from qaserve.errors import ModelFailed, ModelNotFound, ModelPinned, ModelTooLarge
 from qaserve.metrics import Metrics
 from qaserve.runtime import BatchLimits, ModelRegistry, ModelState
-from qaserve.runtime.spec import ModelSpec
+from qaserve.runtime.device import default_batch_tokens
+from qaserve.runtime.spec import ModelsConfig, ModelSpec
 
 MB = 1_000_000
 
@@ -273,3 +274,174 @@ async def test_state_changes_are_reported(make: Make) -> None:
         ("b", ModelState.FAILED),
         ("a", ModelState.UNLOADED),
     ]
+
+
+# -- per-model batching limits and reconfigure ------------------------------------------------------------------
+
+
+def config(*models: ModelSpec, default: str | None = None, max_models: int = 2) -> ModelsConfig:
+    return ModelsConfig(tuple(models), default or models[0].name, max_models=max_models)
+
+
+def spec(name: str, **keys: Any) -> ModelSpec:
+    return ModelSpec(name=name, source=f"/models/{name}", device="cpu", **keys)
+
+
+async def test_each_batcher_takes_its_models_limits_and_the_servers_where_unset(make: Make) -> None:
+    loader = Loader()
+    registry = make(loader, spec("a", max_batch_windows=4, max_wait_ms=10.0), spec("b", max_batch_tokens=2048))
+    registry._limits = BatchLimits(max_windows=16, max_tokens=0, max_wait=0.002)
+
+    a = await registry.get("a")
+    b = await registry.get("b")
+
+    assert a.batcher.limits == BatchLimits(max_windows=4, max_tokens=default_batch_tokens("cpu"), max_wait=0.01)
+    assert b.batcher.limits == BatchLimits(max_windows=16, max_tokens=2048, max_wait=0.002)
+
+
+async def test_reconfigure_adds_models_and_loads_those_to_preload(make: Make) -> None:
+    loader = Loader()
+    seen: list[tuple[str, ModelState]] = []
+    registry = make(loader, spec("a"), on_state=lambda n, s: seen.append((n, s)))
+    await registry.preload()
+
+    changes = await registry.reconfigure(config(spec("a"), spec("b", preload=True), spec("c"), max_models=3))
+
+    assert (changes.added, changes.removed, changes.reloaded) == (("b", "c"), (), ())
+    assert states(registry) == {"a": ModelState.READY, "b": ModelState.READY, "c": ModelState.UNLOADED}
+    assert loader.calls == {"a": 1, "b": 1}  # a unchanged: not reloaded
+    assert ("c", ModelState.UNLOADED) in seen  # its health reads NOT_SERVING until it loads
+    assert (await registry.get("c")).model.name == "c"  # type: ignore[attr-defined]
+    assert registry.max_models == 3
+
+
+async def test_a_removed_model_refuses_new_requests_and_closes_once_its_request_finishes(make: Make) -> None:
+    loader = Loader()
+    seen: list[tuple[str, ModelState]] = []
+    registry = make(loader, spec("a"), spec("b"), on_state=lambda n, s: seen.append((n, s)))
+    await registry.get("b")
+    release = asyncio.Event()
+    answered: list[str] = []
+
+    async def long_request() -> None:
+        async with registry.use("b") as serving:
+            await release.wait()
+            answered.append(serving.model.name)  # type: ignore[attr-defined]
+
+    request = asyncio.create_task(long_request())
+    await until(lambda: registry.loaded("b") is not None and registry.loaded("b").active == 1)  # type: ignore[union-attr]
+
+    changes = await registry.reconfigure(config(spec("a")))
+
+    assert changes.removed == ("b",)
+    with pytest.raises(ModelNotFound):
+        await registry.get("b")
+    assert [info.name for info in registry.infos()] == ["a"]
+    metrics = registry._metrics.registry
+    assert metrics.get_sample_value("qaserve_model_state", {"model": "b", "state": "unloaded"}) is None  # forgotten
+    assert ("b", ModelState.UNLOADED) in seen  # its health reads NOT_SERVING
+    await asyncio.sleep(0.05)
+    assert not loader.models["b"].closed  # still answering its request
+    release.set()
+    await request
+    await registry.retired()
+    assert answered == ["b"] and loader.models["b"].closed
+    assert sample(registry, "qaserve_models_loaded", {"device": "cpu"}) == 1  # a (the default) alone
+
+
+async def test_a_changed_model_reloads_beside_the_old_one_without_failing_its_request(make: Make) -> None:
+    loader = Loader()
+    seen: list[tuple[str, ModelState]] = []
+    registry = make(loader, spec("a"), on_state=lambda n, s: seen.append((n, s)))
+    old = await registry.get("a")
+    release = asyncio.Event()
+
+    async def long_request() -> str:
+        async with registry.use("a") as serving:
+            await release.wait()
+            return str(serving.model.spec.top_k)  # type: ignore[attr-defined]
+
+    request = asyncio.create_task(long_request())
+    await until(lambda: old.active == 1)
+    seen.clear()
+
+    changes = await registry.reconfigure(config(spec("a", top_k=3, max_batch_windows=4)))
+
+    assert changes.reloaded == ("a",)
+    new = await registry.get("a")
+    assert new is not old and new.model.spec.top_k == 3  # type: ignore[attr-defined]
+    assert new.batcher.limits.max_windows == 4
+    assert registry.spec("a").top_k == 3
+    assert seen == [("a", ModelState.READY)]  # never LOADING nor UNLOADED: its health stays SERVING
+    assert not old.model.closed  # type: ignore[attr-defined]
+    release.set()
+    assert await request == "None"  # the request in flight finished on the version it started with
+    await registry.retired()
+    assert old.model.closed  # type: ignore[attr-defined]
+    assert not new.model.closed  # type: ignore[attr-defined]
+    assert loader.calls == {"a": 2}
+
+
+async def test_without_room_for_both_the_old_version_drains_and_requests_wait_for_the_new(make: Make) -> None:
+    loader = Loader()
+    registry = make(loader, spec("a"), max_models=1)
+    old = await registry.get("a")
+    release = asyncio.Event()
+
+    async def long_request() -> None:
+        async with registry.use("a"):
+            await release.wait()
+
+    request = asyncio.create_task(long_request())
+    await until(lambda: old.active == 1)
+    reconfiguring = asyncio.create_task(registry.reconfigure(config(spec("a", top_k=2), max_models=1)))
+    await until(lambda: registry.spec("a").top_k == 2)
+    waiting = asyncio.create_task(registry.get("a"))  # a new request waits for the new version
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and loader.calls == {"a": 1}  # never two versions at once
+    release.set()
+    await request
+    new = await waiting
+    assert new.model.spec.top_k == 2 and old.model.closed  # type: ignore[attr-defined]
+    assert (await reconfiguring).reloaded == ("a",)
+    assert states(registry) == {"a": ModelState.READY}
+
+
+async def test_a_new_version_that_fails_to_load_leaves_the_old_one_serving(make: Make) -> None:
+    loader = Loader()
+    registry = make(loader, spec("a"))
+    old = await registry.get("a")
+    loader.failures["a"] = 1
+
+    changes = await registry.reconfigure(config(spec("a", top_k=5)))
+
+    assert changes.failed == ("a",) and changes.reloaded == ()
+    assert await registry.get("a") is old and registry.spec("a").top_k is None
+    assert states(registry) == {"a": ModelState.READY}
+    assert (await registry.reconfigure(config(spec("a", top_k=5)))).reloaded == ("a",)  # the next reload retries
+
+
+async def test_reconfigure_moves_the_default_and_loads_it(make: Make) -> None:
+    loader = Loader()
+    registry = make(loader, spec("a"), spec("b"))
+    await registry.preload()
+
+    changes = await registry.reconfigure(config(spec("a"), spec("b"), default="b"))
+
+    assert changes.default == "b" and registry.default == "b"
+    assert registry.info("b").is_default and registry.info("b").state is ModelState.READY
+    assert (await registry.get("")).model.name == "b"  # type: ignore[attr-defined]
+
+
+async def test_concurrent_reconfigures_apply_in_order(make: Make) -> None:
+    loader = Loader()
+    registry = make(loader, spec("a"))
+    await registry.preload()
+
+    first, second = await asyncio.gather(
+        registry.reconfigure(config(spec("a"), spec("b"))),
+        registry.reconfigure(config(spec("a"), spec("c"))),
+    )
+
+    assert (first.added, second.added, second.removed) == (("b",), ("c",), ("b",))
+    assert [info.name for info in registry.infos()] == ["a", "c"]

@@ -7,15 +7,15 @@ from qaserve_client.v1 import question_answering_pb2 as pb
 
 
 def qa_request(msg: pb.AnswerRequest) -> QARequest:
-    """AnswerRequest -> QARequest; unset optional fields take the pipeline defaults."""
+    """AnswerRequest -> QARequest; unset optional fields stay None for the model's defaults (then the pipeline's)."""
     defaults = QAParams()
     return QARequest(
         question=msg.question,
         context=msg.context,
         model=msg.model,
         params=QAParams(
-            top_k=msg.top_k if msg.HasField("top_k") else defaults.top_k,
-            max_answer_len=msg.max_answer_len if msg.HasField("max_answer_len") else defaults.max_answer_len,
+            top_k=msg.top_k if msg.HasField("top_k") else None,
+            max_answer_len=msg.max_answer_len if msg.HasField("max_answer_len") else None,
             max_seq_len=msg.max_seq_len if msg.HasField("max_seq_len") else None,
             doc_stride=msg.doc_stride if msg.HasField("doc_stride") else None,
             max_question_len=msg.max_question_len if msg.HasField("max_question_len") else defaults.max_question_len,

@@ -49,6 +49,7 @@ def score_windows(
     params: QAParams,
 ) -> list[WindowCandidates]:
     """Candidates of the windows `indices` (row i of the logits belongs to window indices[i]), vectorised."""
+    assert params.top_k is not None and params.max_answer_len is not None, "params must be resolved"
     n_rows, length = start_logits.shape
     mask = np.zeros((n_rows, length), dtype=bool)
     for row, w in enumerate(indices):
@@ -89,6 +90,7 @@ def score_windows(
 
 def merge_candidates(context: str, candidates: Sequence[WindowCandidates], params: QAParams) -> list[Answer]:
     """Merges windows' candidates (in window order) into the top_k answers."""
+    assert params.top_k is not None, "params must be resolved"
     answers: list[Answer] = []
     by_text: dict[str, int] = {}
     for window in candidates:

@@ -21,13 +21,12 @@ def has_visible_text(text: str) -> bool:
 
 @dataclass(frozen=True)
 class QAParams:
-    """Decoding parameters, with the Hugging Face question-answering pipeline's defaults.
-
-    max_seq_len and doc_stride stay None until a model resolves them (they depend on its limits).
+    """Decoding parameters; None = unset: a model resolves it to its configured default, else the Hugging Face
+    question-answering pipeline's (qa.windowing.resolve_params). Decoding takes resolved parameters only.
     """
 
-    top_k: int = 1
-    max_answer_len: int = 15
+    top_k: int | None = None
+    max_answer_len: int | None = None
     max_seq_len: int | None = None
     doc_stride: int | None = None
     max_question_len: int = 64
@@ -56,9 +55,9 @@ class QARequest:
                 f"is {len(self.context)} characters; this server accepts at most {max_context_chars}",
             )
         p = self.params
-        if not 1 <= p.top_k <= MAX_TOP_K:
+        if p.top_k is not None and not 1 <= p.top_k <= MAX_TOP_K:
             raise InvalidArgument("top_k", f"must be between 1 and {MAX_TOP_K}, got {p.top_k}")
-        if p.max_answer_len < 1:
+        if p.max_answer_len is not None and p.max_answer_len < 1:
             raise InvalidArgument("max_answer_len", f"must be at least 1, got {p.max_answer_len}")
         if p.max_question_len < 1:
             raise InvalidArgument("max_question_len", f"must be at least 1, got {p.max_question_len}")

@@ -9,6 +9,9 @@ from typing import Any
 from qaserve.errors import InvalidArgument
 from qaserve.qa.types import QAParams
 
+# The Hugging Face question-answering pipeline's defaults.
+DEFAULT_TOP_K = 1
+DEFAULT_MAX_ANSWER_LEN = 15
 DEFAULT_MAX_SEQ_LEN = 384
 DEFAULT_DOC_STRIDE = 128
 MIN_MAX_SEQ_LEN = 16
@@ -31,21 +34,39 @@ class Windows:
         return len(self.input_ids)
 
 
-def resolve_params(params: QAParams, model_max_len: int) -> QAParams:
-    """Fills max_seq_len/doc_stride from the model's limits and checks the model-dependent ranges."""
+def resolve_params(params: QAParams, model_max_len: int, defaults: QAParams | None = None) -> QAParams:
+    """Fills what the request left unset (None) and checks the model-dependent ranges.
+
+    Each unset field takes `defaults`' value (the model's configured defaults), else the pipeline's: top_k 1,
+    max_answer_len 15, max_seq_len 384 or the model's limit. A default doc_stride that does not fit under the
+    resolved max_seq_len (the request chose a shorter one) gives way to the pipeline's rule, decided per request
+    in split_into_windows.
+    """
+    defaults = defaults if defaults is not None else QAParams()
     max_seq_len = params.max_seq_len
     if max_seq_len is None:
-        max_seq_len = min(DEFAULT_MAX_SEQ_LEN, model_max_len)
+        max_seq_len = min(defaults.max_seq_len or DEFAULT_MAX_SEQ_LEN, model_max_len)
     elif not MIN_MAX_SEQ_LEN <= max_seq_len <= model_max_len:
         raise InvalidArgument(
             "max_seq_len",
             f"must be between {MIN_MAX_SEQ_LEN} and {model_max_len} for this model, got {max_seq_len}",
         )
-    if params.doc_stride is not None and params.doc_stride > max_seq_len:
-        raise InvalidArgument(
-            "doc_stride", f"({params.doc_stride}) must not be larger than max_seq_len ({max_seq_len})"
-        )
-    return dataclasses.replace(params, max_seq_len=max_seq_len)
+    doc_stride = params.doc_stride
+    if doc_stride is not None and doc_stride > max_seq_len:
+        raise InvalidArgument("doc_stride", f"({doc_stride}) must not be larger than max_seq_len ({max_seq_len})")
+    if doc_stride is None and defaults.doc_stride is not None and defaults.doc_stride < max_seq_len:
+        doc_stride = defaults.doc_stride
+    return dataclasses.replace(
+        params,
+        top_k=_first(params.top_k, defaults.top_k, DEFAULT_TOP_K),
+        max_answer_len=_first(params.max_answer_len, defaults.max_answer_len, DEFAULT_MAX_ANSWER_LEN),
+        max_seq_len=max_seq_len,
+        doc_stride=doc_stride,
+    )
+
+
+def _first(*values: int | None) -> int:
+    return next(v for v in values if v is not None)
 
 
 def split_into_windows(tokenizer: Any, question: str, context: str, params: QAParams) -> Windows:

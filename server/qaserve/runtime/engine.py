@@ -36,7 +36,8 @@ R = TypeVar("R")
 
 
 class QAEngine:
-    """Answers QARequests. At most `max_in_flight` requests are admitted at once; the rest get Overloaded.
+    """Answers QARequests. At most `max_in_flight` requests are admitted at once, and at most a model's own
+    `max_in_flight` (its spec's, where set) of that model; the rest get Overloaded while other models keep serving.
 
     Repeated requests are answered from `cache` (none: no response cache).
     """
@@ -61,6 +62,7 @@ class QAEngine:
         self._executor = executor
         self._retry_after = retry_after
         self._in_flight = 0
+        self._model_in_flight: dict[str, int] = {}  # by configured name, while above 0
         self._record_stages = record_stages  # tracing's stage spans; None when tracing is off
 
     @property
@@ -68,17 +70,30 @@ class QAEngine:
         return self._in_flight
 
     @contextlib.contextmanager
-    def _admit(self) -> Iterator[None]:
+    def _admit(self, model: str) -> Iterator[None]:
         if self._in_flight >= self.max_in_flight:
             raise Overloaded(
                 f"the server is at its limit of {self.max_in_flight} requests in flight; retry shortly",
                 self._retry_after,
             )
+        spec = self.registry.spec(model)  # the current configuration's: a reload applies to the next request
+        held = self._model_in_flight.get(spec.name, 0)
+        if spec.max_in_flight is not None and held >= spec.max_in_flight:
+            raise Overloaded(
+                f"model {spec.name!r} is at its limit of {spec.max_in_flight} requests in flight; retry shortly",
+                self._retry_after,
+            )
         self._in_flight += 1
+        self._model_in_flight[spec.name] = held + 1
         try:
             yield
         finally:
             self._in_flight -= 1
+            left = self._model_in_flight[spec.name] - 1
+            if left:
+                self._model_in_flight[spec.name] = left
+            else:
+                del self._model_in_flight[spec.name]
 
     async def answer(self, request: QARequest, deadline: float | None = None) -> QAResult:
         """Answers one request. `deadline` is on the event loop's clock."""
@@ -100,7 +115,7 @@ class QAEngine:
     ) -> AsyncGenerator[QAProgress | QAResult]:
         started = time.perf_counter()
         request.validate(self.max_context_chars)
-        with self._admit():
+        with self._admit(request.model):
             async with self.registry.use(request.model) as serving:
                 model, batcher = serving.model, serving.batcher
                 params = model.resolve(request.params)

@@ -78,6 +78,15 @@ class QAModel:
         if limit > 1_000_000 and loaded.max_positions:  # tokenizers without a recorded limit: a huge sentinel
             limit = loaded.max_positions
         self.max_seq_len = limit
+        if spec.max_seq_len is not None and spec.max_seq_len > limit:
+            raise ValueError(f"max_seq_len {spec.max_seq_len} is longer than this model's limit of {limit} tokens")
+        # What requests that leave a parameter unset get (None: the pipeline's default).
+        self.defaults = QAParams(
+            top_k=spec.top_k,
+            max_answer_len=spec.max_answer_len,
+            max_seq_len=spec.max_seq_len,
+            doc_stride=spec.doc_stride,
+        )
 
     @property
     def name(self) -> str:
@@ -88,8 +97,9 @@ class QAModel:
         return sorted({str(r.device) for r in self.replicas})
 
     def resolve(self, params: QAParams) -> QAParams:
-        """Fills model-dependent defaults and checks model-dependent ranges."""
-        return resolve_params(params, self.max_seq_len)
+        """Fills unset parameters from the model's configured defaults, then the pipeline's; checks the
+        model-dependent ranges."""
+        return resolve_params(params, self.max_seq_len, self.defaults)
 
     def split(self, question: str, context: str, params: QAParams) -> Windows:
         """Tokenizes into windows (thread-safe); `params` from resolve()."""
