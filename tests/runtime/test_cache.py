@@ -19,7 +19,7 @@ from qaserve.qa import Answer, QAParams, QAProgress, QARequest, QAResult
 from qaserve.qa.windowing import resolve_params
 from qaserve.runtime import BatchLimits, ModelRegistry, QAEngine
 from qaserve.runtime.cache import CacheKey, ResponseCache, cache_key, entry_bytes
-from qaserve.runtime.spec import ModelSpec
+from qaserve.runtime.spec import ModelsConfig, ModelSpec
 
 from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, build_tiny_model
 
@@ -317,3 +317,19 @@ async def test_a_failed_request_is_not_cached(served: Served) -> None:
 
     assert not result.timing.cached
     assert len(served.engine.cache) == 1
+
+
+async def test_the_same_weights_run_another_way_never_serve_an_old_answer(served: Served, model_dir: Path) -> None:
+    request = QARequest(SEED_QUESTION, SEED_CONTEXT, params=QAParams(top_k=5))
+    old = await served.engine.answer(request)
+    assert (await served.engine.answer(request)).timing.cached
+
+    # Reloaded in bfloat16: the weights' revision is the same, the numbers they give are not.
+    spec = ModelSpec(MODEL, str(model_dir), device="cpu", dtype="bfloat16")
+    await served.registry.reconfigure(ModelsConfig((spec,), MODEL))
+    await served.registry.load(MODEL)
+    new = await served.engine.answer(request)
+
+    assert (new.model.revision, new.model.dtype) == (old.model.revision, "bfloat16")
+    assert not new.timing.cached
+    assert (await served.engine.answer(request)).timing.cached

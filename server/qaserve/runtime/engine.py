@@ -119,8 +119,11 @@ class QAEngine:
             async with self.registry.use(request.model) as serving:
                 model, batcher = serving.model, serving.batcher
                 params = model.resolve(request.params)
+                # The answers depend on the weights and on how they run: a reload onto another dtype or device
+                # (same weights revision) must not be answered from the old one's entries.
+                variant = f"{model.revision} {model.backend} {model.dtype} {','.join(model.devices)}"
                 key = (
-                    cache_key(model.name, model.revision, params, request.question, request.context)
+                    cache_key(model.name, variant, params, request.question, request.context)
                     if self.cache.enabled
                     else None
                 )
