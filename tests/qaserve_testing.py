@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -66,3 +72,40 @@ def tiny_settings(model_dir: Path, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+async def start_qaserve(
+    *args: str,
+    launcher: Sequence[str] = ("-m", "qaserve.main"),
+    env: Mapping[str, str] | None = None,
+    drop: tuple[str, ...] = ("QASERVE_",),
+) -> asyncio.subprocess.Process:
+    """A `qaserve` process of its own (`args` follow the command: "serve", flags...), stdout discarded and stderr
+    piped, in this environment without the variables starting with `drop`, plus `env`."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    environ.update(env or {})
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        *launcher,
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=environ,
+    )
+
+
+async def wait_serving(channel: grpc.aio.Channel, process: asyncio.subprocess.Process, seconds: float = 60.0) -> None:
+    """Waits until the process's overall health is SERVING; fails, with its stderr, if it exits first."""
+    health = health_pb2_grpc.HealthStub(channel)
+    for _ in range(int(seconds / 0.1)):
+        if process.returncode is not None:
+            stderr = await process.stderr.read() if process.stderr is not None else b""
+            raise AssertionError(f"the server exited with {process.returncode} before serving: {stderr!r}")
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the server did not report SERVING within {seconds:.0f} s")

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, free_port
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, free_port, start_qaserve, wait_serving
 
 # Runs `qaserve` with torch absent ("absent": importing it fails and importlib finds no such package, exactly as
 # without the wheel) or present ("installed"), and writes the torch modules loaded by exit to a report file.
@@ -38,23 +35,15 @@ sys.exit(main())
 async def test_onnx_only_server_answers_without_torch(tiny_onnx_dir: Path, tmp_path: Path, torch: str) -> None:
     report = tmp_path / "torch-modules.json"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QASERVE_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        WRAPPER,
-        torch,
-        str(report),
+    process = await start_qaserve(
         "serve",
         *("--model", str(tiny_onnx_dir), "--model-name", "tiny"),
         *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--drain-seconds", "0"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
+        launcher=("-c", WRAPPER, torch, str(report)),
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await _wait_serving(channel, process)
+            await wait_serving(channel, process)
             stub = pb_grpc.QuestionAnsweringServiceStub(channel)
             response = await stub.Answer(pb.AnswerRequest(question=SEED_QUESTION, context=SEED_CONTEXT), timeout=30)
         [best] = response.answers
@@ -67,19 +56,3 @@ async def test_onnx_only_server_answers_without_torch(tiny_onnx_dir: Path, tmp_p
             process.kill()
             await process.wait()
     assert json.loads(report.read_text()) == []
-
-
-async def _wait_serving(channel: grpc.aio.Channel, process: asyncio.subprocess.Process) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    for _ in range(600):
-        if process.returncode is not None:
-            assert process.stderr is not None
-            raise AssertionError(f"the server exited with {process.returncode}: {(await process.stderr.read())!r}")
-        try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("the server did not report SERVING within 60 s")

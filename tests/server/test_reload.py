@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,7 +26,7 @@ from qaserve_client.v1 import model_service_pb2_grpc as mpb_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, free_port, tiny_settings
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, free_port, start_qaserve, tiny_settings, wait_serving
 
 NO_RETRIES = [("grpc.enable_retries", 0)]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -206,18 +204,11 @@ async def test_sighup_under_traffic_adds_and_reloads_models_without_a_failed_req
 ) -> None:
     path = models_file(tmp_path / "models.toml", model("main", tiny_model_dir, preload=True))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QASERVE_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "qaserve.main",
+    process = await start_qaserve(
         "serve",
         *("--models-config", str(path), "--device", "cpu", "--intra-op-threads", "1"),
         *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"),
         *("--drain-seconds", "0", "--log-format", "json"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_RETRIES) as channel:
@@ -278,20 +269,6 @@ async def test_sighup_under_traffic_adds_and_reloads_models_without_a_failed_req
         if process.returncode is None:
             process.kill()
             await process.wait()
-
-
-async def wait_serving(channel: grpc.aio.Channel, process: asyncio.subprocess.Process) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    for _ in range(int(PATIENCE / 0.1)):
-        if process.returncode is not None:
-            raise AssertionError(f"the server exited with {process.returncode} before serving")
-        try:
-            if (await health.Check(health_pb2.HealthCheckRequest(), timeout=1)).status == SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("the server did not report SERVING in time")
 
 
 async def until(condition: Callable[[], bool], process: asyncio.subprocess.Process) -> None:

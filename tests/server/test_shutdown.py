@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from qaserve.server import create_server
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_QUESTION, free_port, tiny_settings
+from qaserve_testing import SEED_QUESTION, free_port, start_qaserve, tiny_settings, wait_serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -58,37 +56,15 @@ async def answer(stub: pb_grpc.QuestionAnsweringServiceStub) -> str:
     return response.model.name
 
 
-async def wait_serving(channel: grpc.aio.Channel, process: asyncio.subprocess.Process) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    for _ in range(600):
-        if process.returncode is not None:
-            raise AssertionError(f"the server exited with {process.returncode} before serving")
-        try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            if reply.status == SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("the server did not report SERVING within 60 s")
-
-
 @pytest.fixture
 async def server_process(tiny_model_dir: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """`qaserve serve` on the tiny model in a process of its own; yields (process, target)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QASERVE_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "qaserve.main",
+    process = await start_qaserve(
         "serve",
         *("--model", str(tiny_model_dir), "--model-name", "tiny", "--device", "cpu", "--intra-op-threads", "1"),
         *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"),
         *("--drain-seconds", "2", "--grace-seconds", "30", "--log-format", "json"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
     )
     try:
         yield process, f"127.0.0.1:{port}"

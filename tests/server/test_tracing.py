@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import itertools
-import os
-import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from qaserve.tracing import Tracing, tracing_from_environment
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, tiny_settings
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, start_qaserve, tiny_settings
 
 PATIENCE = 30.0
 ANSWER = "/qaserve.v1.QuestionAnsweringService/Answer"
@@ -274,17 +272,11 @@ def test_unusable_otel_settings_are_named(environ: dict[str, str], named: str) -
 
 
 async def test_serve_exits_2_naming_an_unusable_otel_variable(tiny_model_dir: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QASERVE_", "OTEL_"))}
-    env["OTEL_TRACES_EXPORTER"] = "zipkin"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "qaserve.main",
+    process = await start_qaserve(
         "serve",
         *("--model", str(tiny_model_dir), "--device", "cpu", "--port", "0", "--metrics-port", "0"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
+        env={"OTEL_TRACES_EXPORTER": "zipkin"},
+        drop=("QASERVE_", "OTEL_"),
     )
     _, err = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 2
