@@ -61,8 +61,7 @@ ENV PATH=/opt/qaserve/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/tmp/huggingface \
-    QASERVE_MODEL=/opt/qaserve/models/minilm-l6-squadshifts \
-    QASERVE_METRICS_PORT=9464
+    QASERVE_MODEL=/opt/qaserve/models/minilm-l6-squadshifts
 WORKDIR /tmp
 USER 10001:10001
 # gRPC, Prometheus /metrics (9464: 9090 is the Prometheus server's own).
