@@ -23,12 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.evaldata import SQUAD_DEV, load_questions
+from qaserve.config import EMBEDDED_MODEL
 from qaserve.qa import QARequest
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
 from qaserve.server import build_engine
-
-ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED = ROOT / "models" / "minilm-l6-squadshifts"
 
 
 def normalize(text: str) -> str:
@@ -89,7 +87,9 @@ async def evaluate(model_dir: Path, backend: str, questions: list[Question], con
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=EMBEDDED, help="model directory (default: the embedded model)")
+    parser.add_argument(
+        "--model", type=Path, default=EMBEDDED_MODEL, help="model directory (default: the embedded model)"
+    )
     parser.add_argument(
         "--backend",
         choices=("torch", "onnx", "auto"),

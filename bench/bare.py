@@ -23,7 +23,7 @@ STRIDE = 128
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (bench.load uses the same definition)."""
+    """Nearest-rank percentile; bench.load imports it, so the baseline and the server rows share one definition."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 

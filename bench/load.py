@@ -42,6 +42,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.bare import percentile
 from bench.evaldata import SQUAD_DEV, Question, load_questions
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
@@ -78,12 +79,6 @@ def select_workload(questions: Sequence[Question], stride: int, limit: int | Non
 
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_PREFIXES)}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (bench/bare.py uses the same definition)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def onnx_label(model_dir: Path) -> str:

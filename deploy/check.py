@@ -132,29 +132,32 @@ def schema_problems(manifests: list[Manifest], versions: tuple[str, ...] = K8S_V
 def consistency_problems(manifests: list[Manifest]) -> list[str]:
     """What schemas cannot see: names and labels that must match, settings, the models file, shutdown timing."""
     label = manifests[0].source if manifests else "?"
+    return [f"{label}: {problem}" for problem in _consistency_problems(manifests)]
+
+
+def _consistency_problems(manifests: list[Manifest]) -> list[str]:
     problems: list[str] = []
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for manifest in manifests:
         by_kind.setdefault(manifest.doc.get("kind", ""), []).append(manifest.doc)
     deployments = by_kind.get("Deployment", [])
     if len(deployments) != 1:
-        return [f"{label}: expected one Deployment, found {len(deployments)}"]
+        return [f"expected one Deployment, found {len(deployments)}"]
     deployment = deployments[0]
     pod = deployment["spec"]["template"]
     pod_labels: dict[str, str] = pod["metadata"].get("labels", {})
     container = next((c for c in pod["spec"]["containers"] if c["name"] == "qaserve"), None)
     if container is None or len(pod["spec"]["containers"]) != 1:
-        return [f"{label}: Deployment: expected the one container qaserve"]
+        return ["Deployment: expected the one container qaserve"]
     port_names = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
 
     def selects_pods(selector: Mapping[str, str], what: str) -> None:
         if not selector or any(pod_labels.get(k) != v for k, v in selector.items()):
-            problems.append(f"{label}: {what}: selector {dict(selector)} does not match the pod labels {pod_labels}")
+            problems.append(f"{what}: selector {dict(selector)} does not match the pod labels {pod_labels}")
 
     selects_pods(deployment["spec"]["selector"]["matchLabels"], "Deployment")
     if pod["spec"].get("enableServiceLinks") is not False:
-        problems.append(f"{label}: Deployment: enableServiceLinks must be false (a Service named qaserve sets "
-                        "QASERVE_PORT)")  # fmt: skip
+        problems.append("Deployment: enableServiceLinks must be false (a Service named qaserve sets QASERVE_PORT)")
 
     services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
     for name, service in services.items():
@@ -162,27 +165,27 @@ def consistency_problems(manifests: list[Manifest]) -> list[str]:
         for port in service["spec"]["ports"]:
             target = port.get("targetPort")
             if isinstance(target, str) and target not in port_names:
-                problems.append(f"{label}: Service {name}: targetPort {target!r} is no container port")
+                problems.append(f"Service {name}: targetPort {target!r} is no container port")
     if not any(s["spec"].get("clusterIP") == "None" for s in services.values()):
-        problems.append(f"{label}: no headless Service (clusterIP: None) for client-side balancing")
+        problems.append("no headless Service (clusterIP: None) for client-side balancing")
 
     hpas = by_kind.get("HorizontalPodAutoscaler", [])
     for hpa in hpas:
         ref = hpa["spec"]["scaleTargetRef"]
         if (ref["kind"], ref["name"]) != ("Deployment", deployment["metadata"]["name"]):
-            problems.append(f"{label}: HorizontalPodAutoscaler: scales {ref['kind']}/{ref['name']}, not the Deployment")
-        problems += [f"{label}: {p}" for p in _custom_metric_problems(hpa)]
+            problems.append(f"HorizontalPodAutoscaler: scales {ref['kind']}/{ref['name']}, not the Deployment")
+        problems += _custom_metric_problems(hpa)
     if "replicas" in deployment["spec"] and hpas:
-        problems.append(f"{label}: Deployment: replicas would reset the HorizontalPodAutoscaler's count on every apply")
+        problems.append("Deployment: replicas would reset the HorizontalPodAutoscaler's count on every apply")
     for pdb in by_kind.get("PodDisruptionBudget", []):
         selects_pods(pdb["spec"]["selector"]["matchLabels"], "PodDisruptionBudget")
     for monitor in by_kind.get("ServiceMonitor", []):
-        problems += [f"{label}: {p}" for p in _service_monitor_problems(monitor, services)]
+        problems += _service_monitor_problems(monitor, services)
 
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-    problems += [f"{label}: {p}" for p in _settings_problems(env, by_kind.get("ConfigMap", []), pod, container)]
-    problems += [f"{label}: {p}" for p in _probe_and_timing_problems(pod["spec"], container, env, port_names)]
-    problems += [f"{label}: {p}" for p in _device_problems(pod["spec"], container, env, hpas)]
+    problems += _settings_problems(env, by_kind.get("ConfigMap", []), pod["spec"], container)
+    problems += _probe_and_timing_problems(pod["spec"], container, env, port_names)
+    problems += _device_problems(pod["spec"], container, env, hpas)
     return problems
 
 
@@ -258,10 +261,9 @@ def _mounted_volume(path: str, container: dict[str, Any], pod_spec: dict[str, An
 
 
 def _settings_problems(
-    env: dict[str, str], config_maps: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any]
+    env: dict[str, str], config_maps: list[dict[str, Any]], pod_spec: dict[str, Any], container: dict[str, Any]
 ) -> list[str]:
     """The QASERVE_* variables are settings the server accepts, and the models file parses and is in the pod."""
-    pod_spec = pod["spec"]
     problems = []
     fields = {f"QASERVE_{name.upper()}" for name in Settings.model_fields}
     for name in (e["name"] for e in container.get("env", [])):

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-QUESTION = "What is the capital of France?"
-CONTEXT = "France is a country in Western Europe. Its capital is Paris."
 
 
 def _run(*args: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -86,8 +86,10 @@ def test_client_wheel_alone_answers_without_torch(
     while _run(client, "--target", server_target, "--timeout", "5", "health").returncode != 0:
         assert process.poll() is None, "qaserve serve exited while loading its model"
         time.sleep(0.5)
-    asked = _run(client, "--target", server_target, "ask", "--question", QUESTION, "--context", CONTEXT, "--json")
+    asked = _run(
+        client, "--target", server_target, "ask", "--question", SEED_QUESTION, "--context", SEED_CONTEXT, "--json"
+    )
     assert asked.returncode == 0, asked.stderr
     answer = json.loads(asked.stdout)["answers"][0]
     assert answer["answer"] == "Paris"
-    assert CONTEXT[answer["start"] : answer["end"]] == "Paris"
+    assert SEED_CONTEXT[answer["start"] : answer["end"]] == "Paris"
