@@ -18,7 +18,7 @@ import qaserve_client
 from qaserve_client.cli import main
 from qaserve_client.options import OPTION_NAMES
 
-from fake_qaserve import OVERLOAD_QUESTION, FakeServer
+from fake_qaserve import OVERLOAD_QUESTION, FakeServer, invalid_question_error
 
 CONTEXT = "Paris is the capital of France."
 
@@ -279,15 +279,7 @@ def test_batch_item_error_exits_1_after_the_other_results(
     assert results["good"]["answers"]
     assert results["bad"] == {
         "id": "bad",
-        "error": {
-            "code": "INVALID_ARGUMENT",
-            "code_number": 3,
-            "message": "question: must contain a non-whitespace character",
-            "reason": "INVALID_ARGUMENT",
-            "field_violations": [{"field": "question", "description": "must contain a non-whitespace character"}],
-            "retry_after": None,
-            "request_id": results["good"]["request_id"],
-        },
+        "error": invalid_question_error(results["good"]["request_id"]),
         "request_id": results["good"]["request_id"],
     }
     assert captured.err.splitlines()[-1].startswith("2 items: 1 ok, 1 failed (INVALID_ARGUMENT 1) in ")
@@ -435,17 +427,7 @@ def test_json_error_on_stderr_with_request_id(server: FakeServer, capsys: pytest
     assert main([*argv, "--json"]) == 67
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert json.loads(captured.err) == {
-        "error": {
-            "code": "INVALID_ARGUMENT",
-            "code_number": 3,
-            "message": "question: must contain a non-whitespace character",
-            "reason": "INVALID_ARGUMENT",
-            "field_violations": [{"field": "question", "description": "must contain a non-whitespace character"}],
-            "retry_after": None,
-            "request_id": "req-bad",
-        }
-    }
+    assert json.loads(captured.err) == {"error": invalid_question_error("req-bad")}
 
 
 def test_json_before_the_command_applies_too(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
