@@ -452,10 +452,9 @@ def _health(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
 def _models(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
     if args.action == "list":
         infos = client.list_models()
-    elif args.action == "load":
-        infos = [client.load_model(args.name, timeout=max(args.timeout, LOAD_TIMEOUT))]
     else:
-        infos = [client.unload_model(args.name, timeout=max(args.timeout, LOAD_TIMEOUT))]
+        change = client.load_model if args.action == "load" else client.unload_model
+        infos = [change(args.name, timeout=max(args.timeout, LOAD_TIMEOUT))]
     if out.as_json:
         print(json.dumps([info.to_dict() for info in infos] if args.action == "list" else infos[0].to_dict()))
         return EXIT_OK
