@@ -151,28 +151,18 @@ def test_health_unreachable_exits_78(unused_target: str, capsys: pytest.CaptureF
     assert captured.err.startswith("error: UNAVAILABLE: ")
 
 
-def test_installed_script(server: FakeServer) -> None:
-    script = Path(sys.executable).parent / "qaserve-client"
-    if not script.exists():
-        pytest.skip(f"{script} is not installed")
+SCRIPT = Path(sys.executable).parent / "qaserve-client"
 
-    completed = subprocess.run(
-        [
-            str(script),
-            "--target",
-            server.target,
-            "ask",
-            "--question",
-            "Capital?",
-            "--context",
-            CONTEXT,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+
+def _run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_installed_script(server: FakeServer) -> None:
+    if not SCRIPT.exists():
+        pytest.skip(f"{SCRIPT} is not installed")
+
+    completed = _run_script("--target", server.target, "ask", "--question", "Capital?", "--context", CONTEXT, "--json")
 
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["answers"][0]["answer"] == "Paris"
@@ -511,11 +501,6 @@ def test_batch_accepts_proto_json_spellings(server: FakeServer, tmp_path: Path) 
     assert main(["--target", server.target, "batch", str(path)]) == 0
     (request,) = server.servicer.requests
     assert (request.top_k, request.max_seq_len, request.HasField("doc_stride")) == (2, 64, False)
-
-
-def _run_script(*args: str) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).parent / "qaserve-client"
-    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_installed_script_exit_codes(server: FakeServer, unused_target: str) -> None:
