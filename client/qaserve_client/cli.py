@@ -82,6 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QAServeError as error:
         out.rpc_failure(error)
         return exit_status(error.code)
+    except _Failure as failure:
+        out.failure(str(failure))
+        return EXIT_FAILED
+
+
+class _Failure(Exception):
+    """A failure that is not an RPC error, such as an input that cannot be read: main reports it, exit status 1."""
 
 
 class _Output:
@@ -292,11 +299,7 @@ def _ask(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
     if args.context is not None:
         context: str = args.context
     else:
-        try:
-            context = _read_text(args.context_file)
-        except (OSError, UnicodeDecodeError) as error:
-            out.failure(f"cannot read context from {args.context_file}: {error}")
-            return EXIT_FAILED
+        context = _read_text(args.context_file, f"context from {args.context_file}")
     options = AnswerOptions(**{name: getattr(args, name) for name in OPTION_NAMES})
     if args.stream:
         return _ask_stream(client, args.question, context, options, out)
@@ -326,16 +329,11 @@ def _ask_stream(client: QAClient, question: str, context: str, options: AnswerOp
 
 
 def _batch(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
-    try:
-        text = _read_text(args.file)
-    except (OSError, UnicodeDecodeError) as error:
-        out.failure(f"cannot read {args.file}: {error}")
-        return EXIT_FAILED
+    text = _read_text(args.file, args.file)
     try:
         items = _parse_batch(text)
     except ValueError as error:
-        out.failure(f"{args.file}: {error}")
-        return EXIT_FAILED
+        raise _Failure(f"{args.file}: {error}") from None
     summary = _BatchSummary(items=len(items), show_progress=sys.stderr.isatty())
     pending = {item.id for item in items}
     try:
@@ -346,8 +344,7 @@ def _batch(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
     finally:
         summary.report(out)
     if pending:
-        out.failure(f"the stream ended without a result for {len(pending)} item(s)")
-        return EXIT_FAILED
+        raise _Failure(f"the stream ended without a result for {len(pending)} item(s)")
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
@@ -455,10 +452,9 @@ def _health(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
 def _models(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
     if args.action == "list":
         infos = client.list_models()
-    elif args.action == "load":
-        infos = [client.load_model(args.name, timeout=max(args.timeout, LOAD_TIMEOUT))]
     else:
-        infos = [client.unload_model(args.name, timeout=max(args.timeout, LOAD_TIMEOUT))]
+        change = client.load_model if args.action == "load" else client.unload_model
+        infos = [change(args.name, timeout=max(args.timeout, LOAD_TIMEOUT))]
     if out.as_json:
         print(json.dumps([info.to_dict() for info in infos] if args.action == "list" else infos[0].to_dict()))
         return EXIT_OK
@@ -471,10 +467,14 @@ def _models(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
     return EXIT_OK
 
 
-def _read_text(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
-    return Path(path).read_text(encoding="utf-8")
+def _read_text(path: str, what: str) -> str:
+    """The text of `path` (- for stdin); _Failure "cannot read `what`" when it cannot be read as UTF-8."""
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise _Failure(f"cannot read {what}: {error}") from None
 
 
 def _progress_line(progress: Progress) -> str:

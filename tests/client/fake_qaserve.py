@@ -55,6 +55,19 @@ def _invalid_question() -> status_pb2.Status:
     )
 
 
+def invalid_question_error(request_id: str | None) -> dict[str, Any]:
+    """QAServeError.to_dict() of the error the server gives a blank question, as the client should report it."""
+    return {
+        "code": "INVALID_ARGUMENT",
+        "code_number": 3,
+        "message": "question: must contain a non-whitespace character",
+        "reason": "INVALID_ARGUMENT",
+        "field_violations": [{"field": "question", "description": "must contain a non-whitespace character"}],
+        "retry_after": None,
+        "request_id": request_id,
+    }
+
+
 def _overloaded() -> status_pb2.Status:
     return status_pb2.Status(
         code=code_pb2.RESOURCE_EXHAUSTED,

@@ -18,7 +18,7 @@ import qaserve_client
 from qaserve_client.cli import main
 from qaserve_client.options import OPTION_NAMES
 
-from fake_qaserve import OVERLOAD_QUESTION, FakeServer
+from fake_qaserve import OVERLOAD_QUESTION, FakeServer, invalid_question_error
 
 CONTEXT = "Paris is the capital of France."
 
@@ -151,28 +151,18 @@ def test_health_unreachable_exits_78(unused_target: str, capsys: pytest.CaptureF
     assert captured.err.startswith("error: UNAVAILABLE: ")
 
 
-def test_installed_script(server: FakeServer) -> None:
-    script = Path(sys.executable).parent / "qaserve-client"
-    if not script.exists():
-        pytest.skip(f"{script} is not installed")
+SCRIPT = Path(sys.executable).parent / "qaserve-client"
 
-    completed = subprocess.run(
-        [
-            str(script),
-            "--target",
-            server.target,
-            "ask",
-            "--question",
-            "Capital?",
-            "--context",
-            CONTEXT,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+
+def _run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_installed_script(server: FakeServer) -> None:
+    if not SCRIPT.exists():
+        pytest.skip(f"{SCRIPT} is not installed")
+
+    completed = _run_script("--target", server.target, "ask", "--question", "Capital?", "--context", CONTEXT, "--json")
 
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["answers"][0]["answer"] == "Paris"
@@ -279,15 +269,7 @@ def test_batch_item_error_exits_1_after_the_other_results(
     assert results["good"]["answers"]
     assert results["bad"] == {
         "id": "bad",
-        "error": {
-            "code": "INVALID_ARGUMENT",
-            "code_number": 3,
-            "message": "question: must contain a non-whitespace character",
-            "reason": "INVALID_ARGUMENT",
-            "field_violations": [{"field": "question", "description": "must contain a non-whitespace character"}],
-            "retry_after": None,
-            "request_id": results["good"]["request_id"],
-        },
+        "error": invalid_question_error(results["good"]["request_id"]),
         "request_id": results["good"]["request_id"],
     }
     assert captured.err.splitlines()[-1].startswith("2 items: 1 ok, 1 failed (INVALID_ARGUMENT 1) in ")
@@ -435,17 +417,7 @@ def test_json_error_on_stderr_with_request_id(server: FakeServer, capsys: pytest
     assert main([*argv, "--json"]) == 67
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert json.loads(captured.err) == {
-        "error": {
-            "code": "INVALID_ARGUMENT",
-            "code_number": 3,
-            "message": "question: must contain a non-whitespace character",
-            "reason": "INVALID_ARGUMENT",
-            "field_violations": [{"field": "question", "description": "must contain a non-whitespace character"}],
-            "retry_after": None,
-            "request_id": "req-bad",
-        }
-    }
+    assert json.loads(captured.err) == {"error": invalid_question_error("req-bad")}
 
 
 def test_json_before_the_command_applies_too(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
@@ -529,11 +501,6 @@ def test_batch_accepts_proto_json_spellings(server: FakeServer, tmp_path: Path) 
     assert main(["--target", server.target, "batch", str(path)]) == 0
     (request,) = server.servicer.requests
     assert (request.top_k, request.max_seq_len, request.HasField("doc_stride")) == (2, 64, False)
-
-
-def _run_script(*args: str) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).parent / "qaserve-client"
-    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_installed_script_exit_codes(server: FakeServer, unused_target: str) -> None:

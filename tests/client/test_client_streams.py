@@ -24,7 +24,14 @@ from qaserve_client import (
 )
 from qaserve_client.errors import error_from_status
 
-from fake_qaserve import NO_FINAL_QUESTION, OVERLOAD_QUESTION, PLAIN_ERROR_QUESTION, SLOW_QUESTION, FakeServer
+from fake_qaserve import (
+    NO_FINAL_QUESTION,
+    OVERLOAD_QUESTION,
+    PLAIN_ERROR_QUESTION,
+    SLOW_QUESTION,
+    FakeServer,
+    invalid_question_error,
+)
 
 CONTEXT = "Zürich liegt am See."
 ZURICH = Answer(answer="Zürich", score=0.9, start=0, end=6, byte_start=0, byte_end=7)
@@ -287,15 +294,7 @@ def test_many_result_to_dict(server: FakeServer) -> None:
     assert re.fullmatch("[0-9a-f]{32}", request_id)  # the server made it: the client sent none
     assert results["bad"].to_dict() == {
         "id": "bad",
-        "error": {
-            "code": "INVALID_ARGUMENT",
-            "code_number": 3,
-            "message": "question: must contain a non-whitespace character",
-            "reason": "INVALID_ARGUMENT",
-            "field_violations": [{"field": "question", "description": "must contain a non-whitespace character"}],
-            "retry_after": None,
-            "request_id": request_id,
-        },
+        "error": invalid_question_error(request_id),
         "request_id": request_id,
     }
 
