@@ -13,14 +13,13 @@ from pathlib import Path
 import torch
 
 from qaserve.runtime.backends import load_replicas
-from qaserve.runtime.backends.manifest import sha256_file
+from qaserve.runtime.backends.manifest import weights_revision
 from qaserve.runtime.model import Loaded, WindowInput, WindowLogits, pad_inputs
 from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Bytes per element of the safetensors header's dtype names, for estimates without loading.
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
@@ -174,7 +173,7 @@ class TorchBackend:
                 replicas=replicas,
                 dtype=str(dtype).removeprefix("torch."),
                 nbytes=nbytes,
-                revision=_revision(spec.source, local, str(getattr(config, "_commit_hash", None) or "unknown")),
+                revision=weights_revision(spec.source, local, config),
                 max_positions=int(max_positions) if isinstance(max_positions, int) else None,
                 close=close,
             )
@@ -205,17 +204,6 @@ def _safetensors_shapes(path: Path) -> list[tuple[list[int], str]]:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
     return [(list(v["shape"]), str(v["dtype"])) for k, v in header.items() if k != "__metadata__"]
-
-
-def _revision(source: str, local: bool, commit: str) -> str:
-    """sha256 of the weights for a directory; the resolved commit for a hub model."""
-    if local:
-        for name in WEIGHT_FILES:
-            path = Path(source) / name
-            if path.is_file():
-                return sha256_file(path)
-        return "local"
-    return commit
 
 
 BACKEND = TorchBackend()
