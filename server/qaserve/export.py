@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qaserve.runtime.backends.manifest import MANIFEST_FILE, ONNX_FILE, QUANTIZATIONS, OnnxManifest, sha256_file
+from qaserve.runtime.backends.manifest import MANIFEST_FILE, ONNX_FILE, QUANTIZATIONS, OnnxManifest, weights_revision
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def export(
             tokenizer.save_pretrained(staging)
             module.config.save_pretrained(staging)
         manifest = OnnxManifest(
-            source_revision=_source_revision(source, local, module),
+            source_revision=weights_revision(source, local, module.config),
             quantization=quantize,
             opset=opset,
             inputs=tuple(inputs),
@@ -121,15 +121,6 @@ def _export_onnx(module: Any, inputs: list[str], path: Path, opset: int) -> None
             opset_version=opset,
             dynamo=False,
         )
-
-
-def _source_revision(source: Path, local: bool, module: Any) -> str:
-    if local:
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (source / name).is_file():
-                return sha256_file(source / name)
-        return "local"
-    return str(getattr(module.config, "_commit_hash", None) or "unknown")
 
 
 def _move_in(staging: Path, out_dir: Path) -> None:

@@ -71,6 +71,8 @@ class QAModel:
         self._loaded = loaded
         self.backend = loaded.backend
         self.replicas = list(loaded.replicas)
+        # Read on every request (its cache key and model reference): fixed at load, so worked out once.
+        self.devices = sorted({str(r.device) for r in self.replicas})
         self.revision = loaded.revision
         self.dtype = loaded.dtype
         self.nbytes = loaded.nbytes
@@ -91,10 +93,6 @@ class QAModel:
     @property
     def name(self) -> str:
         return self.spec.name
-
-    @property
-    def devices(self) -> list[str]:
-        return sorted({str(r.device) for r in self.replicas})
 
     def resolve(self, params: QAParams) -> QAParams:
         """Fills unset parameters from the model's configured defaults, then the pipeline's; checks the

@@ -6,9 +6,9 @@ import functools
 import importlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from qaserve.runtime.backends.manifest import MANIFEST_FILE, ONNX_FILE, OnnxManifest
 from qaserve.runtime.device import accelerator_possible, cpu_cores, device_type
@@ -16,6 +16,8 @@ from qaserve.runtime.model import Loaded, QAModel, load_tokenizer
 from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+D = TypeVar("D")
 
 BACKENDS = ("torch", "onnx")
 CHOICES = ("auto", *BACKENDS)
@@ -97,6 +99,40 @@ def threads_per_replica(requested: int, replicas_on_device: int, device: str) ->
     return max(1, cpu_cores() // max(1, replicas_on_device))
 
 
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+R = TypeVar("R", bound=_Closable)
+
+
+def load_replicas(
+    spec: ModelSpec,
+    devices: Sequence[D],
+    intra_op_threads: int,
+    make: Callable[[str, D, int], R],
+    describe: Callable[[list[R], Callable[[], None]], Loaded],
+) -> Loaded:
+    """spec.replicas_per_device replicas on each device, made in turn by `make(label, device, threads)`, then
+    `describe(replicas, close)`: what they loaded. On any failure the replicas made so far are closed."""
+    replicas: list[R] = []
+
+    def close() -> None:
+        for replica in replicas:
+            replica.close()
+        replicas.clear()
+
+    try:
+        for device in devices:
+            threads = threads_per_replica(intra_op_threads, spec.replicas_per_device, str(device))
+            for i in range(spec.replicas_per_device):
+                replicas.append(make(f"{spec.name}-{device}-{i}", device, threads))
+        return describe(list(replicas), close)
+    except BaseException:
+        close()
+        raise
+
+
 def load_model(spec: ModelSpec, *, intra_op_threads: int = 0, tokenize_threads: int = 2) -> QAModel:
     """Loads a configured model with its backend (blocking: call off the event loop) and warms its replicas up.
 
@@ -141,6 +177,7 @@ __all__ = [
     "estimate_bytes",
     "get_backend",
     "load_model",
+    "load_replicas",
     "model_loader",
     "plan_devices",
     "threads_per_replica",

@@ -12,6 +12,7 @@ ONNX_FILE = "model.onnx"
 MANIFEST_FILE = "qaserve-onnx.json"
 FORMAT_VERSION = 1
 QUANTIZATIONS = ("none", "int8")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,15 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return f"sha256:{digest.hexdigest()}"
+
+
+def weights_revision(source: str | Path, local: bool, config: Any) -> str:
+    """The revision of a model's torch weights: sha256 of the weights file for a directory, the resolved hub
+    commit (from the loaded model's `config`) otherwise. The torch backend reports it; export records it."""
+    if local:
+        for name in WEIGHT_FILES:
+            path = Path(source) / name
+            if path.is_file():
+                return sha256_file(path)
+        return "local"
+    return str(getattr(config, "_commit_hash", None) or "unknown")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from qaserve.runtime.backends import threads_per_replica
+from qaserve.runtime.backends import load_replicas
 from qaserve.runtime.backends.manifest import ONNX_FILE, OnnxManifest, sha256_file
 from qaserve.runtime.model import Loaded, WindowInput, WindowLogits, pad_inputs
 from qaserve.runtime.spec import ModelSpec
@@ -137,31 +137,21 @@ class OnnxBackend:
                 f"dtype {spec.dtype!r} does not match {ONNX_FILE}, which is {manifest.dtype} (use auto or the torch "
                 "backend)"
             )
-        devices = self.devices(spec)
-        replicas: list[OnnxReplica] = []
-
-        def close() -> None:
-            for replica in replicas:
-                replica.close()
-            replicas.clear()
-
-        try:
-            for device in devices:
-                threads = threads_per_replica(intra_op_threads, spec.replicas_per_device, device)
-                for i in range(spec.replicas_per_device):
-                    replicas.append(OnnxReplica(f"{spec.name}-{device}-{i}", device, path, pad_token_id, threads))
-            return Loaded(
+        return load_replicas(
+            spec,
+            self.devices(spec),
+            intra_op_threads,
+            lambda label, device, threads: OnnxReplica(label, device, path, pad_token_id, threads),
+            lambda replicas, close: Loaded(
                 backend=self.name,
-                replicas=list(replicas),
+                replicas=replicas,
                 dtype=manifest.dtype,
                 nbytes=self.estimate_bytes(spec),
                 revision=sha256_file(path),
                 max_positions=_max_positions(directory),
                 close=close,
-            )
-        except BaseException:
-            close()
-            raise
+            ),
+        )
 
 
 def _max_positions(directory: Path) -> int | None:

@@ -6,20 +6,20 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from qaserve.runtime.backends import threads_per_replica
-from qaserve.runtime.backends.manifest import sha256_file
+from qaserve.runtime.backends import load_replicas
+from qaserve.runtime.backends.manifest import weights_revision
 from qaserve.runtime.model import Loaded, WindowInput, WindowLogits, pad_inputs
 from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Bytes per element of the safetensors header's dtype names, for estimates without loading.
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
@@ -77,29 +77,26 @@ class TorchReplica:
     """The model on one device, with the single thread that loads it, warms it up and runs its forward passes:
     torch runs on no other thread, so no second OpenMP team competes for the cores."""
 
-    def __init__(self, label: str, device: torch.device, pad_token_id: int, threads: int) -> None:
+    def __init__(
+        self,
+        label: str,
+        device: torch.device,
+        pad_token_id: int,
+        threads: int,
+        weights: Callable[[torch.device], torch.nn.Module],
+    ) -> None:
+        """`weights(device)` gives the model on `device`; it runs on the replica's thread."""
         self.label = label
         self.device = str(device)
         self.pad_token_id = pad_token_id
-        self.module: torch.nn.Module | None = None
         self._device = device
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{label}")
-        self.executor.submit(torch.set_num_threads, threads).result()
-
-    def load(self, source: str, revision: str | None, dtype: torch.dtype) -> torch.nn.Module:
-        """Reads the weights onto this replica's device, on its thread."""
-
-        def load() -> torch.nn.Module:
-            from transformers import AutoModelForQuestionAnswering
-
-            module = AutoModelForQuestionAnswering.from_pretrained(
-                source, revision=revision, dtype=dtype, trust_remote_code=False
-            )
-            loaded: torch.nn.Module = module.eval().to(self._device)
-            return loaded
-
-        self.module = self.executor.submit(load).result()
-        return self.module
+        try:
+            self.executor.submit(torch.set_num_threads, threads).result()
+            self.module: torch.nn.Module | None = self.executor.submit(weights, device).result()
+        except BaseException:
+            self.executor.shutdown(wait=False)
+            raise
 
     def forward(self, windows: list[WindowInput]) -> list[WindowLogits]:
         """One forward pass over a padded batch of windows; runs on the replica's thread."""
@@ -158,24 +155,14 @@ class TorchBackend:
         dtype = resolve_dtype(spec.dtype, devices[0])
         local = Path(spec.source).is_dir()
         revision = None if local else spec.revision
-        replicas: list[TorchReplica] = []
+        modules: dict[torch.device, torch.nn.Module] = {}
 
-        def close() -> None:
-            for replica in replicas:
-                replica.close()
-            replicas.clear()
+        def weights(device: torch.device) -> torch.nn.Module:
+            if device not in modules:  # replicas on one device share its weights
+                modules[device] = _from_pretrained(spec.source, revision, dtype, device)
+            return modules[device]
 
-        try:
-            for device in devices:
-                threads = threads_per_replica(intra_op_threads, spec.replicas_per_device, str(device))
-                module = None
-                for i in range(spec.replicas_per_device):
-                    replica = TorchReplica(f"{spec.name}-{device}-{i}", device, pad_token_id, threads)
-                    replicas.append(replica)
-                    if module is None:
-                        module = replica.load(spec.source, revision, dtype)
-                    else:
-                        replica.module = module  # replicas on one device share its weights
+        def describe(replicas: list[TorchReplica], close: Callable[[], None]) -> Loaded:
             module = replicas[0].module
             assert module is not None
             nbytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
@@ -183,16 +170,32 @@ class TorchBackend:
             max_positions = getattr(config, "max_position_embeddings", None)
             return Loaded(
                 backend=self.name,
-                replicas=list(replicas),
+                replicas=replicas,
                 dtype=str(dtype).removeprefix("torch."),
                 nbytes=nbytes,
-                revision=_revision(spec.source, local, str(getattr(config, "_commit_hash", None) or "unknown")),
+                revision=weights_revision(spec.source, local, config),
                 max_positions=int(max_positions) if isinstance(max_positions, int) else None,
                 close=close,
             )
-        except BaseException:
-            close()
-            raise
+
+        return load_replicas(
+            spec,
+            devices,
+            intra_op_threads,
+            lambda label, device, threads: TorchReplica(label, device, pad_token_id, threads, weights),
+            describe,
+        )
+
+
+def _from_pretrained(source: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The transformers model, in eval mode, on `device`."""
+    from transformers import AutoModelForQuestionAnswering
+
+    module = AutoModelForQuestionAnswering.from_pretrained(
+        source, revision=revision, dtype=dtype, trust_remote_code=False
+    )
+    loaded: torch.nn.Module = module.eval().to(device)
+    return loaded
 
 
 def _safetensors_shapes(path: Path) -> list[tuple[list[int], str]]:
@@ -201,17 +204,6 @@ def _safetensors_shapes(path: Path) -> list[tuple[list[int], str]]:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
     return [(list(v["shape"]), str(v["dtype"])) for k, v in header.items() if k != "__metadata__"]
-
-
-def _revision(source: str, local: bool, commit: str) -> str:
-    """sha256 of the weights for a directory; the resolved commit for a hub model."""
-    if local:
-        for name in WEIGHT_FILES:
-            path = Path(source) / name
-            if path.is_file():
-                return sha256_file(path)
-        return "local"
-    return commit
 
 
 BACKEND = TorchBackend()
