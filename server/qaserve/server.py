@@ -199,15 +199,18 @@ class QAServer:
 
 
 def create_server(
-    settings: Settings, registry: CollectorRegistry | None = None, tracing: Tracing | None = None
+    settings: Settings,
+    registry: CollectorRegistry | None = None,
+    tracing: Tracing | None = None,
+    models: ModelsConfig | None = None,
 ) -> tuple[QAServer, int]:
     """Builds the server and binds its port (0 picks a free one); `await server.start()` serves. Traces go to
-    `tracing`'s provider (None: not traced)."""
+    `tracing`'s provider (None: not traced). `models`: models_config(settings) where the caller has it already."""
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     health_servicer = DrainingHealthServicer()
     executor = ThreadPoolExecutor(max_workers=settings.tokenize_threads, thread_name_prefix="tokenize")
     engine = build_engine(
-        models_config(settings),
+        models if models is not None else models_config(settings),
         executor=executor,
         metrics=metrics,
         limits=BatchLimits(
