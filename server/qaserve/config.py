@@ -299,7 +299,6 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
 def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     """Settings from flag values (by field name) over QASERVE_* variables; ConfigError names the culprit."""
     env = _EnvSource(Settings, environ)
-    values = {**env(), **flags}
     try:
         # Only these two sources: the given environment, not os.environ. (mypy sees the fields as the only keywords.)
         sources = (InitSettingsSource(Settings, dict(flags)), env)
@@ -313,7 +312,8 @@ def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
             where = flag_name(field)
         else:
             where = env_name(field)
-        if field in values:  # what the operator wrote, before any normalising (upper-casing a log level)
+        values = {**env(), **flags}  # what the operator wrote, before any normalising (upper-casing a log level)
+        if field in values:
             first["input"] = values[field]
         raise ConfigError(_message(where, first, Settings.model_fields.get(field))) from None
 
