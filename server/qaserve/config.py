@@ -299,7 +299,6 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
 def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     """Settings from flag values (by field name) over QASERVE_* variables; ConfigError names the culprit."""
     env = _EnvSource(Settings, environ)
-    values = {**env(), **flags}
     try:
         # Only these two sources: the given environment, not os.environ. (mypy sees the fields as the only keywords.)
         sources = (InitSettingsSource(Settings, dict(flags)), env)
@@ -313,7 +312,8 @@ def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
             where = flag_name(field)
         else:
             where = env_name(field)
-        if field in values:  # what the operator wrote, before any normalising (upper-casing a log level)
+        values = {**env(), **flags}  # what the operator wrote, before any normalising (upper-casing a log level)
+        if field in values:
             first["input"] = values[field]
         raise ConfigError(_message(where, first, Settings.model_fields.get(field))) from None
 
@@ -461,32 +461,19 @@ def load_models_config(path: Path, settings: Settings) -> ModelsConfig:
     )
 
 
+# ModelEntry keys that default to the server's setting of the same name when unset.
+_INHERITED = ("backend", "device", "dtype", "replicas_per_device")
+
+
 def _spec(entry: ModelEntry, path: Path, settings: Settings) -> ModelSpec:
     source = entry.source
     local = Path(source).expanduser()
     local = local if local.is_absolute() else path.parent / local
     if local.exists() or source.startswith((".", "/", "~")):
         source = str(local.resolve())
-    return ModelSpec(
-        name=entry.name,
-        source=source,
-        revision=entry.revision or None,
-        backend=entry.backend or settings.backend,
-        device=entry.device or settings.device,
-        dtype=entry.dtype or settings.dtype,
-        replicas_per_device=entry.replicas_per_device or settings.replicas_per_device,
-        pinned=entry.pinned,
-        preload=entry.preload,
-        warmup=entry.warmup,
-        max_batch_windows=entry.max_batch_windows,
-        max_batch_tokens=entry.max_batch_tokens,
-        max_wait_ms=entry.max_wait_ms,
-        max_in_flight=entry.max_in_flight,
-        max_seq_len=entry.max_seq_len,
-        doc_stride=entry.doc_stride,
-        max_answer_len=entry.max_answer_len,
-        top_k=entry.top_k,
-    )
+    # Every key of an entry is a ModelSpec field of the same name.
+    inherited = {key: getattr(settings, key) for key in _INHERITED if getattr(entry, key) is None}
+    return ModelSpec(**{**entry.model_dump(), **inherited, "source": source, "revision": entry.revision or None})
 
 
 def _models_file_message(error: ErrorDetails, data: Mapping[str, Any]) -> str:

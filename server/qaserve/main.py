@@ -12,17 +12,19 @@ from qaserve import __version__
 from qaserve.config import ConfigError, Settings, models_config, parse_settings
 from qaserve.logs import configure_logging
 from qaserve.metrics import http_address
+from qaserve.runtime.spec import ModelsConfig
 from qaserve.server import create_server
 from qaserve.tracing import Tracing, tracing_from_environment
 
 log = logging.getLogger("qaserve")
 
 
-async def serve(settings: Settings) -> int:
-    """Runs until SIGINT/SIGTERM, then stops gracefully; returns the exit status (1 when start-up failed)."""
+async def serve(settings: Settings, models: ModelsConfig) -> int:
+    """Serves `models` (main() read and checked them) until SIGINT/SIGTERM, then stops gracefully; returns the
+    exit status (1 when start-up failed)."""
     try:
         tracing = tracing_from_environment(settings.otlp_endpoint)
-        server, port = create_server(settings, tracing=tracing)
+        server, port = create_server(settings, tracing=tracing, models=models)
     except (OSError, ValueError) as error:  # a bad models file, certificate or token file: nothing has started
         log.error("invalid configuration: %s", error)
         return 2
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = parse_settings(args[1:])  # exits 2 with one line on a bad flag or QASERVE_* value
     try:
-        models_config(settings)  # the models file is checked before anything loads
+        models = models_config(settings)  # the models file is checked before anything loads
     except ConfigError as error:
         print(f"qaserve serve: error: {error}", file=sys.stderr)
         return 2
@@ -136,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, models))
     except RuntimeError as error:
         if not str(error).startswith("Failed to bind"):  # grpc's words for a port it cannot listen on
             raise

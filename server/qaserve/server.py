@@ -15,7 +15,14 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from qaserve.api import ModelServicer, QuestionAnsweringServicer
 from qaserve.api.auth import BearerTokenInterceptor, BearerTokens, ServerTLS
-from qaserve.api.health import NOT_SERVING, REFLECTED_SERVICES, SERVING, DrainingHealthServicer, ModelHealth
+from qaserve.api.health import (
+    NOT_SERVING,
+    OPEN_SERVICES,
+    REFLECTED_SERVICES,
+    SERVING,
+    DrainingHealthServicer,
+    ModelHealth,
+)
 from qaserve.api.wire import MalformedRequestInterceptor
 from qaserve.config import ConfigError, Settings, models_config
 from qaserve.metrics import Metrics, http_address
@@ -192,15 +199,18 @@ class QAServer:
 
 
 def create_server(
-    settings: Settings, registry: CollectorRegistry | None = None, tracing: Tracing | None = None
+    settings: Settings,
+    registry: CollectorRegistry | None = None,
+    tracing: Tracing | None = None,
+    models: ModelsConfig | None = None,
 ) -> tuple[QAServer, int]:
     """Builds the server and binds its port (0 picks a free one); `await server.start()` serves. Traces go to
-    `tracing`'s provider (None: not traced)."""
+    `tracing`'s provider (None: not traced). `models`: models_config(settings) where the caller has it already."""
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     health_servicer = DrainingHealthServicer()
     executor = ThreadPoolExecutor(max_workers=settings.tokenize_threads, thread_name_prefix="tokenize")
     engine = build_engine(
-        models_config(settings),
+        models if models is not None else models_config(settings),
         executor=executor,
         metrics=metrics,
         limits=BatchLimits(
@@ -220,7 +230,8 @@ def create_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [] if tokens is None else [BearerTokenInterceptor(tokens, metrics)]
     interceptors.append(MalformedRequestInterceptor(metrics))
     if tracing is not None:  # outermost: rejected calls get their span too
-        interceptors.insert(0, tracing.server_interceptor())
+        # Probes and tooling call the open services all the time; a span each would drown the requests.
+        interceptors.insert(0, tracing.server_interceptor(untraced=OPEN_SERVICES))
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     pb_grpc.add_QuestionAnsweringServiceServicer_to_server(
         QuestionAnsweringServicer(engine, metrics, settings.stream_max_in_flight), server

@@ -6,7 +6,7 @@ import importlib.metadata
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
@@ -29,8 +29,6 @@ WINDOWS = "qaserve.windows"
 BATCH_WINDOWS = "qaserve.batch.windows"
 BATCH_SIZES = "qaserve.batch.sizes"
 FORWARD_PASSES = "qaserve.forward.passes"
-# Probes and tooling call these all the time; a span each would drown the requests.
-UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 EXPORTERS = ("otlp", "console", "none")
 
 
@@ -41,14 +39,14 @@ class Tracing:
         self.provider = provider
         self.tracer = provider.get_tracer("qaserve", _version())
 
-    def server_interceptor(self) -> grpc.aio.ServerInterceptor:
-        """One SERVER span per RPC (but health and reflection), continuing the caller's W3C `traceparent`."""
+    def server_interceptor(self, untraced: Iterable[str]) -> grpc.aio.ServerInterceptor:
+        """One SERVER span per RPC, continuing the caller's W3C `traceparent`; none for the `untraced` services."""
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
         from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_name
 
-        untraced = negate(any_of(*(service_name(name) for name in UNTRACED_SERVICES)))
+        traced = negate(any_of(*(service_name(name) for name in untraced)))
         interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
-            self.provider, filter_=untraced
+            self.provider, filter_=traced
         )
         return interceptor
 
