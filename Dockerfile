@@ -29,7 +29,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python -m venv /opt/qaserve/venv
 WORKDIR /src
-COPY constraints.txt ./
+# client/VERSION and server/VERSION link to this one file: the distributions' version.
+COPY constraints.txt VERSION ./
 COPY client/ client/
 COPY server/ server/
 # CPU: the server without extras; the embedded model serves on ONNX Runtime (its model.onnx), so no torch.
@@ -48,8 +49,14 @@ RUN if [ "${DEVICE}" = "cuda" ]; then \
 # base-cpu or base-cuda, stages above (tagged there), which hadolint cannot resolve.
 # hadolint ignore=DL3006
 FROM base-${DEVICE} AS runtime
+# make docker passes the VERSION file's version and the git commit.
+ARG VERSION=unknown
+ARG REVISION=unknown
 LABEL org.opencontainers.image.title="qaserve" \
-      org.opencontainers.image.description="gRPC server for extractive question answering"
+      org.opencontainers.image.description="gRPC server for extractive question answering" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 qaserve \
     && useradd --system --uid 10001 --gid qaserve --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin qaserve

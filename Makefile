@@ -12,7 +12,7 @@ ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): constraints.txt requirements-dev.txt client/pyproject.toml server/pyproject.toml
+$(STAMP): constraints.txt requirements-dev.txt client/pyproject.toml server/pyproject.toml VERSION
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt \
 		-e ./client -e './server[torch]' -r requirements-dev.txt
@@ -87,14 +87,17 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # The image (needs a Docker engine; CI lints the Dockerfile instead). DEVICE=cpu (default): no torch, the onnx
-# backend serves the embedded model's model.onnx; tagged qaserve:0.1.0. DEVICE=cuda: the server's [torch] extra on
-# CUDA torch, CUDA_WHEEL picking the PyTorch wheel index (cu126, cu128, ...); tagged qaserve:0.1.0-cuda, the tag
-# deploy/k8s/components/gpu runs.
+# backend serves the embedded model's model.onnx; tagged qaserve:VERSION. DEVICE=cuda: the server's [torch] extra on
+# CUDA torch, CUDA_WHEEL picking the PyTorch wheel index (cu126, cu128, ...); tagged qaserve:VERSION-cuda, the tag
+# deploy/k8s/components/gpu runs. VERSION (the file) is the one version of the wheels, images and manifests.
+VERSION := $(shell cat VERSION)
+REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 DEVICE ?= cpu
 CUDA_WHEEL ?= cu128
-IMAGE ?= qaserve:0.1.0$(if $(filter cuda,$(DEVICE)),-cuda)
+IMAGE ?= qaserve:$(VERSION)$(if $(filter cuda,$(DEVICE)),-cuda)
 docker:
-	docker build --build-arg DEVICE=$(DEVICE) --build-arg CUDA_WHEEL=$(CUDA_WHEEL) -t $(IMAGE) .
+	docker build --build-arg DEVICE=$(DEVICE) --build-arg CUDA_WHEEL=$(CUDA_WHEEL) --build-arg VERSION=$(VERSION) \
+		--build-arg REVISION=$(REVISION) -t $(IMAGE) .
 
 # hadolint on the Dockerfile; every deploy/k8s target (base, base + each component, overlays) rendered by
 # `kubectl kustomize` (kubectl on PATH) and checked against the Kubernetes schemas (kubernetes-validate) and each other.

@@ -33,6 +33,8 @@ from qaserve.metrics import Metrics
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
+# The one version of the distributions and images; the manifests' image tags must name it.
+VERSION = (ROOT / "VERSION").read_text(encoding="utf-8").strip()
 ADAPTER_VALUES = K8S / "components" / "hpa-in-flight" / "prometheus-adapter-values.yaml"
 # The oldest Kubernetes the manifests support (the preStop/probe fields they use are older still) and the newest
 # the validator knows.
@@ -395,17 +397,21 @@ def _probe_and_timing_problems(
 def _device_problems(
     pod_spec: dict[str, Any], container: dict[str, Any], env: dict[str, str], hpas: list[dict[str, Any]]
 ) -> list[str]:
-    """GPU pods: the CUDA image, device cuda, GPU nodes, and scaling on something a GPU pod's CPU does not hide."""
+    """The image of this version; GPU pods: the CUDA image, device cuda, GPU nodes, and scaling on something a GPU
+    pod's CPU does not hide."""
     gpus = container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
-    cuda_image = str(container.get("image", "")).endswith("-cuda")
+    image = str(container.get("image", ""))
+    cuda_image = image.endswith("-cuda")
     device = env.get("QASERVE_DEVICE", "auto")
+    problems = []
+    if image.rpartition(":")[2].removesuffix("-cuda") != VERSION:
+        problems.append(f"Deployment: image {image} is not tagged with the VERSION file's {VERSION}")
     if not gpus:
         if cuda_image or device.startswith("cuda"):
-            return [f"Deployment: {container['image']} with device {device} but no nvidia.com/gpu limit"]
-        return []
-    problems = []
+            problems.append(f"Deployment: {image} with device {device} but no nvidia.com/gpu limit")
+        return problems
     if not cuda_image:
-        problems.append(f"Deployment: GPU pods need the CUDA image (make docker DEVICE=cuda), not {container['image']}")
+        problems.append(f"Deployment: GPU pods need the CUDA image (make docker DEVICE=cuda), not {image}")
     if not device.startswith("cuda"):
         problems.append(f"Deployment: GPU pods with QASERVE_DEVICE={device}")
     if not pod_spec.get("nodeSelector") or not any(

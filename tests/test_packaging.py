@@ -68,6 +68,11 @@ def test_both_wheels_carry_the_licence(wheels: dict[str, Path]) -> None:
             assert archive.read(licence) == (ROOT / "LICENSE").read_bytes()
 
 
+def test_both_wheels_have_the_version_of_the_version_file(wheels: dict[str, Path]) -> None:
+    version = (ROOT / "VERSION").read_text().strip()
+    assert {wheel.name.split("-")[1] for wheel in wheels.values()} == {version}
+
+
 def test_client_wheel_alone_answers_without_torch(
     wheels: dict[str, Path], server: tuple[str, subprocess.Popen[str]], tmp_path: Path
 ) -> None:

@@ -112,7 +112,7 @@ def test_a_missing_kubectl_is_one_line_saying_how_to_get_it(monkeypatch: pytest.
 
 def test_components_change_what_they_say(rendered: dict[str, list[Any]]) -> None:
     base = rendered["base"]
-    assert _env(base)["QASERVE_DEVICE"] == "cpu" and _container(base)["image"] == "qaserve:0.1.0"
+    assert _env(base)["QASERVE_DEVICE"] == "cpu" and _container(base)["image"] == f"qaserve:{check.VERSION}"
 
     tls = rendered["base + components/tls"]
     assert _env(tls)["QASERVE_TLS_CERT"] == "/etc/qaserve/tls/tls.crt"
@@ -124,7 +124,7 @@ def test_components_change_what_they_say(rendered: dict[str, list[Any]]) -> None
 
     gpu = rendered["base + components/gpu"]
     pod = _doc(gpu, "Deployment")["spec"]["template"]["spec"]
-    assert _container(gpu)["image"] == "qaserve:0.1.0-cuda"
+    assert _container(gpu)["image"] == f"qaserve:{check.VERSION}-cuda"
     assert _container(gpu)["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert _env(gpu)["QASERVE_DEVICE"] == "cuda" and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert 'backend = "torch"' in _doc(gpu, "ConfigMap")["data"]["models.toml"]
@@ -198,8 +198,14 @@ def test_consistency_check_rejects_a_model_the_pod_does_not_hold(rendered: dict[
 
 def test_consistency_check_rejects_gpu_pods_on_the_cpu_image(rendered: dict[str, list[Any]]) -> None:
     broken = copy.deepcopy(rendered["overlays/gpu"])
-    _container(broken)["image"] = "qaserve:0.1.0"
+    _container(broken)["image"] = f"qaserve:{check.VERSION}"
     assert any("CUDA image" in p for p in check.consistency_problems(broken))
+
+
+def test_consistency_check_rejects_an_image_of_another_version(rendered: dict[str, list[Any]]) -> None:
+    broken = copy.deepcopy(rendered["base"])
+    _container(broken)["image"] = "qaserve:0.0.9"
+    assert any("VERSION" in p for p in check.consistency_problems(broken))
 
 
 def test_adapter_check_rejects_a_rule_over_a_series_the_server_does_not_export(
