@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := protos/qaserve/v1
 PROTO_PKG := client/qaserve_client/v1
+GO_PKG := client/go/qaserve/v1
 ARGS ?=
 
-.PHONY: install node-deps proto proto-check proto-lint proto-breaking layers run test lint docker deploy-check bench accuracy \
+.PHONY: install node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker deploy-check bench accuracy \
 	parity reliability clean
 
 install: $(STAMP)
@@ -28,47 +29,88 @@ $(NODE_DEPS): tests/polyglot/package.json tests/polyglot/package-lock.json
 	cd tests/polyglot && npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
 
-# Generates Python messages, gRPC stubs and .pyi type stubs from protos/ into the client package. protoc names
-# modules after the proto path (qaserve.v1.*); the sed moves those imports under qaserve_client.v1.
-proto: $(STAMP)
+# The googleapis protos the contract imports (google/rpc/status.proto) and the error details clients decode
+# (google/rpc/error_details.proto), placed from the installed googleapis-common-protos into an ignored folder that
+# buf.yaml (as a second module) and every language's build include. Nothing of theirs is copied into the repo.
+GOOGLEAPIS := build/googleapis
+GOOGLEAPIS_PLACED := $(GOOGLEAPIS)/.placed
+PURELIB = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+$(GOOGLEAPIS_PLACED): $(STAMP)
+	rm -rf $(GOOGLEAPIS) && mkdir -p $(GOOGLEAPIS)/google/rpc
+	cp "$(PURELIB)/google/rpc/status.proto" "$(PURELIB)/google/rpc/error_details.proto" $(GOOGLEAPIS)/google/rpc/
+	touch $@
+
+# buf (npm @bufbuild/buf, locked in tools/buf/package-lock.json): lint, breaking and the Go generation.
+BUF := tools/buf/node_modules/.bin/buf
+BUF_AGAINST ?= HEAD~1
+
+$(BUF): tools/buf/package.json tools/buf/package-lock.json
+	cd tools/buf && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+# The Debian packages the Go and C++ clients build from (Go 1.19, grpc-go 1.33, protobuf-go 1.28, gRPC C++ 1.51,
+# GoogleTest), then the Node.js client's npm packages. golang-github-golang-protobuf-1-5-dev replaces the 1.3
+# package that comes by default, which panics on oneof fields. apt runs only when a package is missing.
+CLIENT_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
+	golang-google-genproto-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev cmake g++ \
+	libgtest-dev
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+client-deps: $(NODE_DEPS)
+	dpkg -s $(CLIENT_DEBS) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(CLIENT_DEBS); }
+
+# Go in GOPATH mode on Debian's packages (no Go module proxy needed): /usr/share/gocode holds grpc-go, protobuf-go
+# and genproto; build/go holds the plugins and links the repo's Go module in under its import path.
+GO_MODULE := github.com/qaserve/qaserve/client/go
+GO_ENV := GO111MODULE=off GOFLAGS= GOPATH=$(CURDIR)/build/go:/usr/share/gocode
+GO_PLUGINS := build/go/bin/protoc-gen-go build/go/bin/protoc-gen-go-grpc
+GO_LINK := build/go/src/$(GO_MODULE)
+need = @command -v $(1) >/dev/null || { echo "$(1) is missing: run \`make client-deps\` (Debian and npm packages)"; exit 1; }
+
+build/go/bin/protoc-gen-go:
+	$(call need,go)
+	$(GO_ENV) go build -o $@ google.golang.org/protobuf/cmd/protoc-gen-go
+
+build/go/bin/protoc-gen-go-grpc:
+	$(call need,go)
+	$(GO_ENV) go build -o $@ google.golang.org/grpc/cmd/protoc-gen-go-grpc
+
+$(GO_LINK):
+	mkdir -p $(@D) && ln -sfn $(CURDIR)/client/go $@
+
+# Regenerates every language's committed code from protos/: Python messages, gRPC stubs and .pyi type stubs into
+# the client package (by the pinned grpcio-tools, whose protoc matches the pinned protobuf runtime), and Go into
+# client/go (buf generate, buf.gen.yaml). protoc names Python modules after the proto path (qaserve.v1.*); the sed
+# moves those imports under qaserve_client.v1.
+proto: $(STAMP) $(GOOGLEAPIS_PLACED) $(BUF) $(GO_PLUGINS)
 	rm -rf $(PROTO_PKG) build/proto && mkdir -p $(PROTO_PKG) build/proto
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos -I$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS) \
 		--python_out=build/proto --grpc_python_out=build/proto --mypy_out=build/proto --mypy_grpc_out=build/proto \
 		$(PROTO_SRC)/*.proto
 	mv build/proto/qaserve/v1/* $(PROTO_PKG)/
 	sed -i -E 's/^from qaserve\.v1 import/from qaserve_client.v1 import/; s/\bqaserve\.v1\.([a-z_]+_pb2)\b/qaserve_client.v1.\1/g' \
 		$(PROTO_PKG)/*.py $(PROTO_PKG)/*.pyi
 	echo '"""Generated protobuf messages and gRPC stubs for qaserve.v1 (make proto)."""' > $(PROTO_PKG)/__init__.py
+	rm -f $(GO_PKG)/*.pb.go
+	$(BUF) generate
 
 proto-check: proto
-	git diff --exit-code -- $(PROTO_PKG) && test -z "$$(git status --porcelain -- $(PROTO_PKG))"
+	git diff --exit-code -- $(PROTO_PKG) $(GO_PKG) && test -z "$$(git status --porcelain -- $(PROTO_PKG) $(GO_PKG))"
 
-# buf (npm @bufbuild/buf, locked in tools/buf/package-lock.json) lints protos/ and checks it against the previous
-# commit's. It reads images: protos/ compiled with its imports by the protoc of `make proto`, so the googleapis
-# protos come from the installed googleapis-common-protos, not from a registry. BUF_AGAINST picks the git ref to
-# compare with (a PR's base branch, say).
-BUF := tools/buf/node_modules/.bin/buf
-BUF_AGAINST ?= HEAD~1
-PROTO_IMAGE = $(BIN)/python -m grpc_tools.protoc -I$(1) -I$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
-	--include_imports --include_source_info --descriptor_set_out=$(2) $(1)/qaserve/v1/*.proto
+# buf lint (STANDARD, buf.yaml) on protos/, and buf breaking against protos/ as of BUF_AGAINST (a PR's base branch,
+# say), laid out beside the same googleapis folder.
+proto-lint: $(GOOGLEAPIS_PLACED) $(BUF)
+	$(BUF) lint
 
-$(BUF): tools/buf/package.json tools/buf/package-lock.json
-	cd tools/buf && npm ci --ignore-scripts --no-audit --no-fund
-	touch $@
-
-proto-lint: $(STAMP) $(BUF)
-	mkdir -p build/buf
-	$(call PROTO_IMAGE,protos,build/buf/current.binpb)
-	$(BUF) lint build/buf/current.binpb --config buf.yaml --path qaserve
-
-proto-breaking: $(STAMP) $(BUF)
+proto-breaking: $(GOOGLEAPIS_PLACED) $(BUF)
 	@git rev-parse --verify --quiet '$(BUF_AGAINST)^{commit}' >/dev/null || \
 		{ echo "proto-breaking: no commit $(BUF_AGAINST) to compare with (fetch more history, or set BUF_AGAINST)"; exit 1; }
-	rm -rf build/buf/against && mkdir -p build/buf/against
-	$(call PROTO_IMAGE,protos,build/buf/current.binpb)
+	rm -rf build/buf/against && mkdir -p build/buf/against/build
 	git archive '$(BUF_AGAINST)' protos | tar -x -C build/buf/against
-	$(call PROTO_IMAGE,build/buf/against/protos,build/buf/against.binpb)
-	$(BUF) breaking build/buf/current.binpb --against build/buf/against.binpb --config buf.yaml --path qaserve
+	cp buf.yaml build/buf/against/ && cp -r $(GOOGLEAPIS) build/buf/against/build/
+	$(BUF) breaking --against build/buf/against
 
 # The layering contract ([tool.importlinter] in pyproject.toml): qa/ and runtime/ free of gRPC, framework imports
 # only under runtime/backends/ and the export command, the client free of the server.
