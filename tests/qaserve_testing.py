@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
+import transformers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from transformers import (
-    AutoTokenizer,
-    BertConfig,
-    BertForQuestionAnswering,
-    DistilBertConfig,
-    DistilBertForQuestionAnswering,
-)
+from tokenizers import ByteLevelBPETokenizer, SentencePieceUnigramTokenizer
+from transformers import AutoConfig, AutoModelForQuestionAnswering
 
 from qaserve.config import EMBEDDED_MODEL, Settings
 
@@ -26,23 +25,94 @@ SEED_QUESTION = "What is the capital of France?"
 SEED_CONTEXT = "France is a country in Western Europe. Its capital is Paris."
 
 
+@dataclass(frozen=True)
+class Family:
+    """An architecture the server is tested with: a tiny config of it and a real tokenizer of its kind."""
+
+    model_type: str  # the transformers config's model_type
+    tokenizer: str  # the transformers tokenizer class
+    kind: str  # WordPiece | byte-level BPE | Unigram: how its tokenizer splits words
+    token_type_ids: bool  # whether its tokenizer (and so the exported model) takes token_type_ids
+    sizes: Mapping[str, Any]  # config fields that make it tiny
+    specials: tuple[str, ...] = ()  # a trained tokenizer's special tokens, numbered as the family's checkpoints do
+
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+TINY_DISTILBERT = {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64}
+ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+ALBERT_SPECIALS = ("<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]")
+DEBERTA_SPECIALS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")
+DEBERTA_SIZES = {**TINY, "type_vocab_size": 0, "relative_attention": True, "position_buckets": 64}
+FAMILIES = {
+    family.model_type: family
+    for family in (
+        Family("bert", "BertTokenizer", "WordPiece", True, TINY),
+        Family("distilbert", "DistilBertTokenizer", "WordPiece", False, TINY_DISTILBERT),
+        Family("electra", "ElectraTokenizer", "WordPiece", True, {**TINY, "embedding_size": 16}),
+        Family(
+            "roberta", "RobertaTokenizer", "byte-level BPE", False, {**TINY, "type_vocab_size": 1}, ROBERTA_SPECIALS
+        ),
+        Family(
+            "xlm-roberta", "XLMRobertaTokenizer", "Unigram", False, {**TINY, "type_vocab_size": 1}, ROBERTA_SPECIALS
+        ),
+        Family("albert", "AlbertTokenizer", "Unigram", False, {**TINY, "embedding_size": 16}, ALBERT_SPECIALS),
+        Family("deberta-v2", "DebertaV2Tokenizer", "Unigram", True, DEBERTA_SIZES, DEBERTA_SPECIALS),
+    )
+}
+# What the byte-level BPE and Unigram tokenizers are trained on: the test texts' words, accented letters and CJK
+# characters among them (as written and lower-cased, for the families whose tokenizers lower-case), so that words
+# split into several pieces and pieces hold multi-byte characters.
+TOKENIZER_TEXTS = (
+    SEED_QUESTION,
+    SEED_CONTEXT,
+    "The river flows into the lake near the old mill. The mill was built in 1820 by the miller's family.",
+    "Der Fluss fließt durch Zürich; São Paulo liegt in Brasilien, 東京 in Japan. Ein Café für naïve Gäste.",
+    "Where does the river flow? Who built the mill, and when? Which city is the largest?",
+)
+TOKENIZER_CORPUS = TOKENIZER_TEXTS + tuple(text.lower() for text in TOKENIZER_TEXTS)
+MAX_LENGTH = 512  # tokens, as the families' checkpoints have it
+
+
 def build_tiny_model(directory: Path, architecture: str = "bert", seed: int = 0) -> Path:
-    """Saves a 2-layer random-weight QA model with the embedded model's WordPiece tokenizer into `directory`."""
+    """Saves a 2-layer random-weight QA model of a family in FAMILIES, with a real tokenizer of its kind, into
+    `directory`: the embedded model's WordPiece vocabulary, or a byte-level BPE or Unigram (SentencePiece) model
+    trained on TOKENIZER_CORPUS with the tokenizers library."""
+    family = FAMILIES[architecture]
+    tokenizer = _tokenizer(family)
+    # RoBERTa-style position ids start after the padding index, so their checkpoints have 2 more positions.
+    extra_positions = 2 if family.specials == ROBERTA_SPECIALS else 0
+    config = AutoConfig.for_model(
+        architecture,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_LENGTH + extra_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        **family.sizes,
+    )
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
-    common = {"vocab_size": tokenizer.vocab_size, "max_position_embeddings": 512, "pad_token_id": 0}
-    if architecture == "bert":
-        config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **common)
-        model: torch.nn.Module = BertForQuestionAnswering(config)
-    elif architecture == "distilbert":
-        config = DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, **common)
-        model = DistilBertForQuestionAnswering(config)
-        tokenizer.model_input_names = ["input_ids", "attention_mask"]
-    else:
-        raise ValueError(architecture)
-    model.save_pretrained(directory)
+    AutoModelForQuestionAnswering.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def _tokenizer(family: Family) -> Any:
+    cls = getattr(transformers, family.tokenizer)
+    if family.kind == "WordPiece":
+        words = (EMBEDDED_MODEL / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        return cls(vocab={word: i for i, word in enumerate(words)}, model_max_length=MAX_LENGTH)
+    if family.kind == "byte-level BPE":
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(
+            TOKENIZER_CORPUS, vocab_size=400, special_tokens=list(family.specials), show_progress=False
+        )
+        merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
+        return cls(vocab=bpe.get_vocab(), merges=merges, model_max_length=MAX_LENGTH)
+    unknown = next(token for token in family.specials if "unk" in token.lower())
+    unigram = SentencePieceUnigramTokenizer()
+    unigram.train_from_iterator(
+        TOKENIZER_CORPUS, vocab_size=400, special_tokens=list(family.specials), unk_token=unknown, show_progress=False
+    )
+    pieces = [(piece, score) for piece, score in json.loads(unigram.to_str())["model"]["vocab"]]
+    return cls(vocab=pieces, unk_token=unknown, model_max_length=MAX_LENGTH)
 
 
 def export_tiny_onnx(model_dir: Path, out_dir: Path, quantize: str = "none") -> Path:
