@@ -2,11 +2,15 @@
 
 The embedded model's card gives its scores through the transformers 4.x question-answering pipeline
 (SQuAD v1.1 dev: 58.42 EM / 70.58 F1); equal numbers with --backend torch mean qaserve decodes as the pipeline does.
---backend onnx scores the model directory's model.onnx through the same decoding. Data: bench/data (shipped).
+--backend onnx scores the model directory's model.onnx through the same decoding. Data: bench/data (shipped), or
+any SQuAD v1.1 or v2.0 file. A v2.0 file (questions marked is_impossible) is scored as the official v2.0 script
+scores it: the model may answer "" (the pipeline's handle_impossible_answer decides), and HasAns, NoAns and overall
+EM/F1 are reported.
 
     make accuracy                                  # SQuAD v1.1 dev, embedded model, torch fp32 (about 10 minutes)
     make accuracy ARGS="--backend onnx --limit 2000"
     make accuracy ARGS="--model DIR --data bench/data/xquad.en.json.gz"
+    make accuracy ARGS="--model DIR --data dev-v2.0.json --predictions predictions.json"
 """
 
 from __future__ import annotations
@@ -14,23 +18,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import re
 import string
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.evaldata import SQUAD_DEV, load_questions
+from bench.evaldata import SQUAD_DEV, Question, load_questions
 from qaserve.config import EMBEDDED_MODEL
-from qaserve.qa import QARequest
+from qaserve.qa import QAParams, QARequest
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
 from qaserve.server import build_engine
 
 
 def normalize(text: str) -> str:
-    """The official SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""
+    """The official SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
     text = text.lower()
     text = "".join(ch for ch in text if ch not in set(string.punctuation))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
@@ -38,7 +44,10 @@ def normalize(text: str) -> str:
 
 
 def f1(prediction: str, truth: str) -> float:
+    """Token F1 as the official v2.0 script has it: where either side is empty after normalising, 1 if both are."""
     pred, gold = normalize(prediction).split(), normalize(truth).split()
+    if not pred or not gold:
+        return float(pred == gold)
     common = collections.Counter(pred) & collections.Counter(gold)
     same = sum(common.values())
     if same == 0:
@@ -47,42 +56,87 @@ def f1(prediction: str, truth: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-Question = tuple[str, str, tuple[str, ...]]  # question, context, gold answers
+def marks(prediction: str, golds: Sequence[str]) -> tuple[float, float]:
+    """(exact match, F1) of one prediction: the best over the gold answers that are not empty once normalised, or
+    against "" where there are none (a question without an answer, rightly answered with "")."""
+    golds = [g for g in golds if normalize(g)] or [""]
+    return max(float(normalize(prediction) == normalize(g)) for g in golds), max(f1(prediction, g) for g in golds)
+
+
+@dataclass(frozen=True)
+class Marks:
+    """EM and F1 in percent over a set of questions."""
+
+    exact_match: float
+    f1: float
+    questions: int
 
 
 @dataclass(frozen=True)
 class Score:
-    exact_match: float
-    f1: float
-    questions: int
+    overall: Marks
+    has_answer: Marks  # the questions with gold answers (the official script's HasAns)
+    no_answer: Marks  # the is_impossible questions (NoAns)
     seconds: float
     dtype: str  # what the loaded model reports: float32 for torch; int8 or float32 for onnx
 
 
-async def evaluate(model_dir: Path, backend: str, questions: list[Question], concurrency: int) -> Score:
+def score(questions: Sequence[Question], predictions: dict[str, str], seconds: float = 0.0, dtype: str = "") -> Score:
+    """The official SQuAD v2.0 script's exact/f1, HasAns_* and NoAns_* (without a no-answer probability file)."""
+    by_id = {q.id: marks(predictions[q.id], q.answers) for q in questions}
+
+    def over(selected: list[Question]) -> Marks:
+        n = len(selected)
+        if n == 0:
+            return Marks(0.0, 0.0, 0)
+        return Marks(
+            100 * sum(by_id[q.id][0] for q in selected) / n, 100 * sum(by_id[q.id][1] for q in selected) / n, n
+        )
+
+    return Score(
+        over(list(questions)),
+        over([q for q in questions if q.answers]),
+        over([q for q in questions if not q.answers]),
+        seconds,
+        dtype,
+    )
+
+
+async def predict(
+    model_dir: Path, backend: str, questions: Sequence[Question], concurrency: int
+) -> tuple[dict[str, str], str]:
+    """Each question's best answer, by id, and the dtype the model reports. Where some question has no answer (a
+    v2.0 file), the pipeline's handle_impossible_answer may choose "" over every span."""
     models = ModelsConfig((ModelSpec("eval", str(model_dir), backend=backend, device="cpu"),), "eval")
-    exact = f1_sum = 0.0
-    started = time.perf_counter()
+    params = QAParams(handle_impossible_answer=any(q.is_impossible for q in questions))
     with ThreadPoolExecutor(2) as executor:
         engine = build_engine(models, executor=executor)
         slots = asyncio.Semaphore(concurrency)
 
-        async def one(question: str, context: str, golds: tuple[str, ...]) -> tuple[float, float]:
+        async def one(question: Question) -> str:
             async with slots:
-                result = await engine.answer(QARequest(question, context))
-            predicted = result.answers[0].answer
-            return (
-                max(float(normalize(predicted) == normalize(g)) for g in golds),
-                max(f1(predicted, g) for g in golds),
-            )
+                result = await engine.answer(QARequest(question.question, question.context, params=params))
+            return result.answers[0].answer
 
-        for em, f in await asyncio.gather(*(one(*q) for q in questions)):
-            exact += em
-            f1_sum += f
+        answers = await asyncio.gather(*(one(q) for q in questions))
         dtype = engine.registry.info("eval").dtype
         await engine.registry.close()
-    n = len(questions)
-    return Score(100 * exact / n, 100 * f1_sum / n, n, time.perf_counter() - started, dtype)
+    return {q.id: answer for q, answer in zip(questions, answers, strict=True)}, dtype
+
+
+def report(name: str, model: str, backend: str, result: Score) -> str:
+    n, seconds = result.overall.questions, result.seconds
+    overall = result.overall
+    line = (
+        f"{name}: {n} questions, {model} --backend {backend} ({result.dtype}): "
+        f"EM {overall.exact_match:.2f}, F1 {overall.f1:.2f}, {seconds:.0f} s ({n / max(seconds, 1e-9):.1f} questions/s)"
+    )
+    if result.no_answer.questions:
+        line += "".join(
+            f"\n  {label} ({part.questions} questions): EM {part.exact_match:.2f}, F1 {part.f1:.2f}"
+            for label, part in (("HasAns", result.has_answer), ("NoAns", result.no_answer))
+        )
+    return line
 
 
 def main() -> int:
@@ -96,17 +150,20 @@ def main() -> int:
         default="torch",
         help="torch (fp32, the pipeline's numbers), onnx (the directory's model.onnx), or auto as the server picks",
     )
-    parser.add_argument("--data", type=Path, default=SQUAD_DEV, help="SQuAD-format file, .json or .json.gz")
+    parser.add_argument("--data", type=Path, default=SQUAD_DEV, help="SQuAD v1.1 or v2.0 file, .json or .json.gz")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--concurrency", type=int, default=32)
-    args = parser.parse_args()
-    questions = [(q.question, q.context, q.answers) for q in load_questions(args.data)][: args.limit]
-    score = asyncio.run(evaluate(args.model, args.backend, questions, args.concurrency))
-    n, seconds = score.questions, score.seconds
-    print(
-        f"{args.data.name}: {n} questions, {args.model.name} --backend {args.backend} ({score.dtype}): "
-        f"EM {score.exact_match:.2f}, F1 {score.f1:.2f}, {seconds:.0f} s ({n / seconds:.1f} questions/s)"
+    parser.add_argument(
+        "--predictions", type=Path, help='also write {"question id": "answer"} here, the official scripts\' input'
     )
+    args = parser.parse_args()
+    questions = load_questions(args.data)[: args.limit]
+    started = time.perf_counter()
+    predictions, dtype = asyncio.run(predict(args.model, args.backend, questions, args.concurrency))
+    if args.predictions is not None:
+        args.predictions.write_text(json.dumps(predictions, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    result = score(questions, predictions, time.perf_counter() - started, dtype)
+    print(report(args.data.name, args.model.name, args.backend, result))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The evaluation sets shipped in bench/data (SQuAD JSON format, gzip-compressed), read by every bench script."""
+"""The evaluation sets shipped in bench/data, and any SQuAD v1.1 or v2.0 file, as every bench script reads them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ class Question:
     id: str
     question: str
     context: str
-    answers: tuple[str, ...]  # gold answer texts
+    answers: tuple[str, ...]  # gold answer texts; none for a question the context does not answer
+    is_impossible: bool = False  # SQuAD 2.0: the context holds no answer (the model should answer "")
 
 
 def read_squad(path: Path) -> dict[str, Any]:
@@ -32,9 +33,17 @@ def read_squad(path: Path) -> dict[str, Any]:
 
 
 def load_questions(path: Path) -> list[Question]:
-    """Every question of a SQuAD-format file, in file order, each with its own paragraph as context."""
+    """Every question of a SQuAD-format file (v1.1 or v2.0), in file order, each with its own paragraph as context.
+    A v2.0 question marked is_impossible keeps that mark and has no gold answers (its plausible_answers are not
+    answers)."""
     return [
-        Question(qa["id"], qa["question"], paragraph["context"], tuple(a["text"] for a in qa["answers"]))
+        Question(
+            qa["id"],
+            qa["question"],
+            paragraph["context"],
+            () if qa.get("is_impossible") else tuple(a["text"] for a in qa["answers"]),
+            bool(qa.get("is_impossible", False)),
+        )
         for article in read_squad(path)["data"]
         for paragraph in article["paragraphs"]
         for qa in paragraph["qas"]
