@@ -31,8 +31,8 @@ from pathlib import Path
 from bench.evaldata import SQUAD_DEV, Question, load_questions
 from qaserve.config import EMBEDDED_MODEL
 from qaserve.qa import QAParams, QARequest
+from qaserve.runtime import build_engine
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
-from qaserve.server import build_engine
 
 
 def normalize(text: str) -> str:

@@ -60,8 +60,8 @@ def reference(model: str) -> None:
 
 async def ours(model: str, backend: str, asked: list[tuple[str, str]]) -> list[list[list[dict[str, Any]]]]:
     from qaserve.qa import QAParams, QARequest
+    from qaserve.runtime import build_engine
     from qaserve.runtime.spec import ModelsConfig, ModelSpec
-    from qaserve.server import build_engine
 
     models = ModelsConfig((ModelSpec("m", model, backend=backend, device="cpu"),), "m")
     out = []

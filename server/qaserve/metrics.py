@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import platform
+from collections.abc import Mapping
 
 from prometheus_client import (
     REGISTRY,
@@ -61,15 +62,14 @@ CONTEXT_CHAR_BUCKETS = (100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000,
 REQUEST_WINDOW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256, 512)
 # The values of qaserve_model_state's `state` label (runtime.ModelState's values).
 MODEL_STATES = ("unloaded", "loading", "ready", "failed")
-# Distributions whose versions qaserve_build_info reports ("" when not installed: torch is an extra).
+# Distributions whose versions qaserve_build_info reports, with each backend's framework (build_labels); "" when one
+# is not installed (torch is an extra).
 BUILD_DISTRIBUTIONS = {
     "version": "qaserve",
     "grpc": "grpcio",
     "protobuf": "protobuf",
     "transformers": "transformers",
     "tokenizers": "tokenizers",
-    "torch": "torch",
-    "onnxruntime": "onnxruntime",
 }
 
 
@@ -78,6 +78,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._usage_devices: set[str] = set()  # devices whose usage gauges were set, so they can drop to 0
         self._register_runtime_collectors(registry)
         self.build_info = Info(
             "qaserve_build",
@@ -255,6 +256,14 @@ class Metrics:
         for name in MODEL_STATES:
             self.model_state.labels(model, name).set(1 if name == state else 0)
 
+    def set_model_usage(self, by_device: Mapping[str, tuple[int, int]]) -> None:
+        """qaserve_models_loaded and qaserve_model_bytes from (models, bytes) by device; devices left out drop to 0."""
+        for device in {*by_device, *self._usage_devices}:
+            count, nbytes = by_device.get(device, (0, 0))
+            self.models_loaded.labels(device).set(count)
+            self.model_bytes.labels(device).set(nbytes)
+        self._usage_devices.update(by_device)
+
     def forget_model(self, model: str) -> None:
         """Drops a model's qaserve_model_state series (a model removed from the configuration)."""
         for name in MODEL_STATES:
@@ -281,9 +290,13 @@ def http_address(host: str) -> str:
 
 
 def build_labels() -> dict[str, str]:
-    """qaserve_build_info's labels: distribution versions from the installed metadata (no imports)."""
+    """qaserve_build_info's labels: distribution versions from the installed metadata (no imports), the backends'
+    frameworks labelled by distribution name."""
+    from qaserve.runtime.backends import BACKENDS  # here: the runtime package imports this module
+
+    frameworks = {entry.distribution: entry.distribution for entry in BACKENDS.values() if entry.distribution}
     labels = {"python": platform.python_version()}
-    for label, distribution in BUILD_DISTRIBUTIONS.items():
+    for label, distribution in {**BUILD_DISTRIBUTIONS, **frameworks}.items():
         try:
             labels[label] = importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -26,59 +25,14 @@ from qaserve.api.health import (
 from qaserve.api.wire import MalformedRequestInterceptor
 from qaserve.config import ConfigError, Settings, models_config
 from qaserve.metrics import Metrics, http_address
-from qaserve.qa import QAResult
-from qaserve.runtime import BatchLimits, ModelRegistry, ModelState, QAEngine, ResponseCache
-from qaserve.runtime.backends import model_loader
-from qaserve.runtime.registry import Reconfigured
+from qaserve.runtime import QAEngine, build_engine
+from qaserve.runtime.reconfigure import Reconfigured
 from qaserve.runtime.spec import ModelsConfig
 from qaserve.tracing import Tracing
 from qaserve_client.v1 import model_service_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
 log = logging.getLogger("qaserve")
-
-
-def build_engine(
-    models: ModelsConfig,
-    *,
-    executor: Executor,
-    metrics: Metrics | None = None,
-    limits: BatchLimits | None = None,
-    max_in_flight: int = 1024,
-    max_context_chars: int = 100_000,
-    on_state: Callable[[str, ModelState], None] | None = None,
-    cache_bytes: int = 0,
-    intra_op_threads: int = 0,
-    tokenize_threads: int = 2,
-    record_stages: Callable[[QAResult, tuple[int, ...]], None] | None = None,
-) -> QAEngine:
-    """The request engine over the configured models: their registry (model cache, batchers) and admission.
-
-    Tokenizing and decoding run on `executor` (`tokenize_threads` wide: one tokenizer copy each); forward passes on
-    each replica's own thread with `intra_op_threads` (0: by the backends' rule). `cache_bytes` bounds the response
-    cache (0: none). `await engine.registry.close()` frees the models. The server, the benchmarks and the tests all
-    build it here.
-    """
-    metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
-    registry = ModelRegistry(
-        models.models,
-        default=models.default,
-        limits=limits if limits is not None else BatchLimits(),
-        metrics=metrics,
-        max_models=models.max_models,
-        max_bytes_per_device=models.max_bytes_per_device,
-        on_state=on_state,
-        loader=model_loader(intra_op_threads, tokenize_threads),
-    )
-    return QAEngine(
-        registry,
-        executor=executor,
-        metrics=metrics,
-        cache=ResponseCache(cache_bytes, metrics),
-        max_in_flight=max_in_flight,
-        max_context_chars=max_context_chars,
-        record_stages=record_stages,
-    )
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -213,11 +167,6 @@ def create_server(
         models if models is not None else models_config(settings),
         executor=executor,
         metrics=metrics,
-        limits=BatchLimits(
-            max_windows=settings.max_batch_windows,
-            max_tokens=settings.max_batch_tokens,
-            max_wait=settings.max_wait_ms / 1000.0,
-        ),
         max_in_flight=settings.max_in_flight,
         max_context_chars=settings.max_context_chars,
         on_state=ModelHealth(health_servicer),

@@ -16,13 +16,13 @@ from qaserve.qa import QAParams, decode_answers
 from qaserve.runtime.backends import (
     MANIFEST_FILE,
     ONNX_FILE,
+    WindowLogits,
     choose_backend,
     estimate_bytes,
-    load_model,
     plan_devices,
 )
 from qaserve.runtime.backends.manifest import sha256_file
-from qaserve.runtime.model import QAModel, WindowLogits
+from qaserve.runtime.model import QAModel, load_model
 from qaserve.runtime.spec import ModelSpec
 
 QUESTION = "Where does the river flow?"

@@ -17,7 +17,7 @@ from qaserve.errors import DeadlineTooShort
 from qaserve.metrics import Metrics
 from qaserve.qa import Answer, QAParams, QAProgress, QARequest, QAResult
 from qaserve.qa.windowing import resolve_params
-from qaserve.runtime import BatchLimits, ModelRegistry, QAEngine
+from qaserve.runtime import ModelRegistry, QAEngine
 from qaserve.runtime.cache import CacheKey, ResponseCache, cache_key, entry_bytes
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
 
@@ -227,7 +227,7 @@ def model_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
 async def served(model_dir: Path, executor: ThreadPoolExecutor) -> AsyncIterator[Served]:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    models = ModelRegistry([ModelSpec(MODEL, str(model_dir), device="cpu")], MODEL, BatchLimits(), metrics)
+    models = ModelRegistry([ModelSpec(MODEL, str(model_dir), device="cpu")], MODEL, metrics)
     engine = QAEngine(models, executor=executor, metrics=metrics, cache=ResponseCache(1 << 20, metrics))
     yield Served(engine, models, registry)
     await models.close()

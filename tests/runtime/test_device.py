@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from qaserve.qa import QAParams
-from qaserve.runtime.backends import load_model, threads_per_replica
+from qaserve.runtime.backends import WindowLogits, threads_per_replica
 from qaserve.runtime.backends.torch import replica_devices, resolve_device, resolve_dtype
 from qaserve.runtime.device import accelerator_possible, cpu_cores, default_batch_tokens
-from qaserve.runtime.model import QAModel, WindowLogits
+from qaserve.runtime.model import QAModel, load_model
 from qaserve.runtime.spec import ModelSpec
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from qaserve.errors import ShuttingDown
 from qaserve.metrics import Metrics
 from qaserve.qa import QAParams, QAProgress, QARequest, QAResult
-from qaserve.runtime import BatchLimits, ModelRegistry, QAEngine
+from qaserve.runtime import ModelRegistry, QAEngine
 from qaserve.runtime.spec import ModelSpec
 
 PATIENCE = 5.0
@@ -70,8 +70,7 @@ def executor() -> Iterator[ThreadPoolExecutor]:
 @pytest.fixture
 async def engine(tiny_model_dir: Path, executor: ThreadPoolExecutor) -> AsyncIterator[QAEngine]:
     metrics = Metrics(CollectorRegistry())
-    limits = BatchLimits(max_windows=2)
-    models = ModelRegistry([ModelSpec("tiny", str(tiny_model_dir), device="cpu")], "tiny", limits, metrics)
+    models = ModelRegistry([ModelSpec("tiny", str(tiny_model_dir), device="cpu", max_batch_windows=2)], "tiny", metrics)
     await models.preload()
     yield QAEngine(models, executor=executor, metrics=metrics)
     await models.close()
@@ -187,7 +186,7 @@ async def test_stopping_mid_stream_ends_it_and_leaves_nothing_behind(
     tiny_model_dir: Path, executor: ThreadPoolExecutor, no_pending_tasks: object
 ) -> None:
     metrics = Metrics(CollectorRegistry())
-    models = ModelRegistry([ModelSpec("tiny", str(tiny_model_dir), device="cpu")], "tiny", BatchLimits(1), metrics)
+    models = ModelRegistry([ModelSpec("tiny", str(tiny_model_dir), device="cpu", max_batch_windows=1)], "tiny", metrics)
     engine = QAEngine(models, executor=executor, metrics=metrics)
     before = other_tasks()
     updates = engine.answer_progressive(REQUEST)

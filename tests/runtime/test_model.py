@@ -12,11 +12,10 @@ import pytest
 from qaserve.config import EMBEDDED_MODEL
 from qaserve.errors import InvalidArgument, ModelNotFound
 from qaserve.qa import QAParams, QARequest
-from qaserve.runtime import QAEngine
+from qaserve.runtime import QAEngine, build_engine
 from qaserve.runtime.backends import MANIFEST_FILE, ONNX_FILE
 from qaserve.runtime.backends.manifest import sha256_file
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
-from qaserve.server import build_engine
 
 from qaserve_testing import SEED_CONTEXT, SEED_QUESTION
 

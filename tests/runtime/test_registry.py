@@ -88,7 +88,6 @@ async def make() -> AsyncIterator[Make]:
         registry = ModelRegistry(
             list(specs),
             specs[0].name,
-            BatchLimits(),
             Metrics(CollectorRegistry()),
             max_models=max_models,
             max_bytes_per_device=max_bytes,
@@ -287,16 +286,15 @@ def spec(name: str, **keys: Any) -> ModelSpec:
     return ModelSpec(name=name, source=f"/models/{name}", device="cpu", **keys)
 
 
-async def test_each_batcher_takes_its_models_limits_and_the_servers_where_unset(make: Make) -> None:
+async def test_each_batcher_takes_its_models_limits_with_the_devices_token_budget_for_0(make: Make) -> None:
     loader = Loader()
     registry = make(loader, spec("a", max_batch_windows=4, max_wait_ms=10.0), spec("b", max_batch_tokens=2048))
-    registry._limits = BatchLimits(max_windows=16, max_tokens=0, max_wait=0.002)
 
     a = await registry.get("a")
     b = await registry.get("b")
 
     assert a.batcher.limits == BatchLimits(max_windows=4, max_tokens=default_batch_tokens("cpu"), max_wait=0.01)
-    assert b.batcher.limits == BatchLimits(max_windows=16, max_tokens=2048, max_wait=0.002)
+    assert b.batcher.limits == BatchLimits(max_windows=32, max_tokens=2048, max_wait=0.002)
 
 
 async def test_reconfigure_adds_models_and_loads_those_to_preload(make: Make) -> None:

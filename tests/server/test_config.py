@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,10 @@ from qaserve.config import (
     models_config,
     parse_settings,
 )
+from qaserve.config.models_file import INHERITED
 from qaserve.qa.types import MAX_TOP_K
 from qaserve.qa.windowing import MIN_MAX_SEQ_LEN
+from qaserve.runtime.spec import ModelSpec
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -157,11 +160,11 @@ def test_per_model_settings_reach_the_spec(tmp_path: Path) -> None:
         "max_batch_windows = 8\nmax_batch_tokens = 4096\nmax_wait_ms = 1\nmax_in_flight = 100\n"
         "max_seq_len = 256\ndoc_stride = 64\nmax_answer_len = 30\ntop_k = 3\n",
     )
-    config = load_models_config(path, Settings())
+    config = load_models_config(path, Settings(max_batch_windows=16, max_batch_tokens=512, max_wait_ms=0.5))
     a, b = config.models
     assert (config.default, config.max_models, config.max_bytes_per_device) == ("b", 4, 1000)
-    # Unset per-model limits stay None: the server-wide settings apply.
-    assert (a.max_batch_windows, a.max_batch_tokens, a.max_wait_ms, a.max_in_flight) == (None, None, None, None)
+    # Unset batching keys take the server-wide settings, filled in here; max_in_flight unset is no limit of its own.
+    assert (a.max_batch_windows, a.max_batch_tokens, a.max_wait_ms, a.max_in_flight) == (16, 512, 0.5, None)
     assert (a.max_seq_len, a.doc_stride, a.max_answer_len, a.top_k) == (None, None, None, None)
     assert (b.backend, b.device, b.dtype, b.replicas_per_device, b.preload, b.warmup) == (
         "torch", "cuda:1", "bfloat16", 2, True, False
@@ -219,3 +222,20 @@ def test_bad_models_files_are_refused_naming_model_and_key(tmp_path: Path, text:
 def test_a_missing_models_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"no-such\.toml: cannot read"):
         models_config(Settings(models_config=str(tmp_path / "no-such.toml")))
+
+
+def test_the_models_file_keys_are_the_model_spec_fields() -> None:
+    assert list(ModelEntry.model_fields) == [f.name for f in dataclasses.fields(ModelSpec)]
+
+
+def test_a_model_spec_made_in_code_runs_with_the_servers_default_settings() -> None:
+    spec = ModelSpec("m", "/models/m")
+    for key in INHERITED:
+        assert getattr(spec, key) == Settings.model_fields[key].default, key
+
+
+def test_a_single_model_runs_with_the_servers_settings() -> None:
+    settings = Settings(model="/models/m", max_batch_windows=8, max_batch_tokens=256, max_wait_ms=1.5, dtype="float16")
+    (spec,) = models_config(settings).models
+    assert (spec.max_batch_windows, spec.max_batch_tokens, spec.max_wait_ms, spec.dtype) == (8, 256, 1.5, "float16")
+    assert (spec.pinned, spec.preload) == (True, True)

@@ -20,9 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from qaserve.config import Settings, parse_settings
 from qaserve.errors import ModelFailed
 from qaserve.metrics import MODEL_STATES, Metrics
-from qaserve.runtime import BatchLimits, ModelRegistry
-from qaserve.runtime.backends import load_model
-from qaserve.runtime.model import QAModel
+from qaserve.runtime import ModelRegistry
+from qaserve.runtime.model import QAModel, load_model
 from qaserve.runtime.spec import ModelSpec
 from qaserve.server import QAServer, create_server
 from qaserve_client.v1 import question_answering_pb2 as pb
@@ -222,7 +221,7 @@ async def test_model_state_gauge_follows_load_and_unload(tiny_model_dir: Path, t
         ModelSpec("broken", str(broken), device="cpu"),
     ]
     metrics = Metrics(CollectorRegistry())
-    registry = ModelRegistry(specs, "tiny", BatchLimits(), metrics, loader=gated_load)
+    registry = ModelRegistry(specs, "tiny", metrics, loader=gated_load)
     try:
         assert states(metrics, "tiny") == one_hot("unloaded")
         assert states(metrics, "broken") == one_hot("unloaded")

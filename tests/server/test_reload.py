@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from qaserve.qa import QAParams
 from qaserve.qa.windowing import resolve_params
-from qaserve.runtime.backends import load_model
+from qaserve.runtime.model import load_model
 from qaserve.runtime.spec import ModelSpec
 from qaserve.server import QAServer, create_server
 from qaserve_client.v1 import model_service_pb2 as mpb

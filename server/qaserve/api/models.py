@@ -7,7 +7,8 @@ from google.protobuf import timestamp_pb2
 
 from qaserve.api.scope import RpcScope
 from qaserve.metrics import Metrics
-from qaserve.runtime.registry import ModelInfo, ModelRegistry, ModelState
+from qaserve.runtime.cache_entry import ModelInfo, ModelState
+from qaserve.runtime.registry import ModelRegistry
 from qaserve_client.v1 import model_service_pb2 as pb
 from qaserve_client.v1 import model_service_pb2_grpc as pb_grpc
 

@@ -2,8 +2,19 @@
 
 from qaserve.runtime.batcher import Batcher, BatchLimits
 from qaserve.runtime.cache import ResponseCache
-from qaserve.runtime.engine import QAEngine
+from qaserve.runtime.cache_entry import ModelInfo, ModelState
+from qaserve.runtime.engine import QAEngine, build_engine
 from qaserve.runtime.model import QAModel
-from qaserve.runtime.registry import ModelInfo, ModelRegistry, ModelState
+from qaserve.runtime.registry import ModelRegistry
 
-__all__ = ["BatchLimits", "Batcher", "ModelInfo", "ModelRegistry", "ModelState", "QAEngine", "QAModel", "ResponseCache"]
+__all__ = [
+    "BatchLimits",
+    "Batcher",
+    "ModelInfo",
+    "ModelRegistry",
+    "ModelState",
+    "QAEngine",
+    "QAModel",
+    "ResponseCache",
+    "build_engine",
+]

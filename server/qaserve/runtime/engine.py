@@ -10,6 +10,7 @@ from concurrent.futures import Executor
 from typing import ParamSpec, TypeVar
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from qaserve.errors import Overloaded
 from qaserve.metrics import Metrics
@@ -27,9 +28,12 @@ from qaserve.qa import (
     merge_candidates,
     score_windows,
 )
+from qaserve.runtime.backends.base import Logits, WindowLogits
 from qaserve.runtime.cache import ResponseCache, cache_key
-from qaserve.runtime.model import Logits, QAModel, WindowLogits
+from qaserve.runtime.cache_entry import ModelState
+from qaserve.runtime.model import QAModel, model_loader
 from qaserve.runtime.registry import ModelRegistry
+from qaserve.runtime.spec import ModelsConfig
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -197,6 +201,47 @@ def _model_ref(model: QAModel) -> ModelRef:
         revision=model.revision,
         device=",".join(model.devices),
         dtype=model.dtype,
+    )
+
+
+def build_engine(
+    models: ModelsConfig,
+    *,
+    executor: Executor,
+    metrics: Metrics | None = None,
+    max_in_flight: int = 1024,
+    max_context_chars: int = 100_000,
+    on_state: Callable[[str, ModelState], None] | None = None,
+    cache_bytes: int = 0,
+    intra_op_threads: int = 0,
+    tokenize_threads: int = 2,
+    record_stages: Callable[[QAResult, tuple[int, ...]], None] | None = None,
+) -> QAEngine:
+    """The request engine over the configured models: their registry (model cache, batchers) and admission.
+
+    Tokenizing and decoding run on `executor` (`tokenize_threads` wide: one tokenizer copy each); forward passes on
+    each replica's own thread with `intra_op_threads` (0: by the backends' rule). `cache_bytes` bounds the response
+    cache (0: none). `await engine.registry.close()` frees the models. The server, the benchmarks and the tests all
+    build it here.
+    """
+    metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
+    registry = ModelRegistry(
+        models.models,
+        default=models.default,
+        metrics=metrics,
+        max_models=models.max_models,
+        max_bytes_per_device=models.max_bytes_per_device,
+        on_state=on_state,
+        loader=model_loader(intra_op_threads, tokenize_threads),
+    )
+    return QAEngine(
+        registry,
+        executor=executor,
+        metrics=metrics,
+        cache=ResponseCache(cache_bytes, metrics),
+        max_in_flight=max_in_flight,
+        max_context_chars=max_context_chars,
+        record_stages=record_stages,
     )
 
 

@@ -3,56 +3,21 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import queue
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import Any
 
 from qaserve.qa import QAParams, Windows, split_into_windows
 from qaserve.qa.windowing import resolve_params
+from qaserve.runtime.backends import Loaded, WindowInput, choose_backend, get_backend
 from qaserve.runtime.spec import ModelSpec
 
-if TYPE_CHECKING:
-    from qaserve.runtime.batcher import Replica
-
 log = logging.getLogger(__name__)
-
-Logits = npt.NDArray[np.float32]
-
-
-@dataclass(frozen=True)
-class WindowInput:
-    """One window's model inputs, as queued for a batch."""
-
-    input_ids: list[int]
-    token_type_ids: list[int] | None
-
-
-@dataclass(frozen=True)
-class WindowLogits:
-    """One window's start and end logits: numpy float32, trimmed to the window's length."""
-
-    start: Logits
-    end: Logits
-
-
-@dataclass
-class Loaded:
-    """What a backend made of a model: replicas ready to run, and what they report."""
-
-    backend: str  # torch | onnx
-    replicas: Sequence[Replica[WindowInput, WindowLogits]]
-    dtype: str  # float32, float16, bfloat16, int8
-    nbytes: int  # weight bytes held per device
-    revision: str  # sha256:<hex> of the weights file, or the hub commit
-    max_positions: int | None  # the model config's max_position_embeddings, where it records one
-    close: Callable[[], None]  # frees the replicas (on their own threads) and their device memory
 
 
 class QAModel:
@@ -151,18 +116,34 @@ def load_tokenizer(source: str, revision: str | None) -> Any:
     return tokenizer
 
 
-def pad_inputs(
-    windows: Sequence[WindowInput], pad_token_id: int, with_types: bool
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64] | None]:
-    """input_ids, attention_mask and (with_types) token_type_ids as int64 [windows, longest], right-padded."""
-    lengths = [len(w.input_ids) for w in windows]
-    shape = (len(windows), max(lengths))
-    input_ids = np.full(shape, pad_token_id, dtype=np.int64)
-    attention_mask = np.zeros(shape, dtype=np.int64)
-    token_type_ids = np.zeros(shape, dtype=np.int64) if with_types else None
-    for row, (window, n) in enumerate(zip(windows, lengths, strict=True)):
-        input_ids[row, :n] = window.input_ids
-        attention_mask[row, :n] = 1
-        if token_type_ids is not None and window.token_type_ids is not None:
-            token_type_ids[row, :n] = window.token_type_ids
-    return input_ids, attention_mask, token_type_ids
+def load_model(spec: ModelSpec, *, intra_op_threads: int = 0, tokenize_threads: int = 2) -> QAModel:
+    """Loads a configured model with its backend (blocking: call off the event loop) and warms its replicas up.
+
+    `tokenize_threads` tokenizer copies are made, one per thread that tokenizes (--tokenize-threads).
+    """
+    started = time.perf_counter()
+    source = spec.source
+    local = Path(source).is_dir()
+    if not local and source.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"model directory {source} does not exist")
+    backend = get_backend(choose_backend(spec))
+    tokenizer = load_tokenizer(source, None if local else spec.revision)
+    loaded = backend.load(spec, pad_token_id=int(tokenizer.pad_token_id or 0), intra_op_threads=intra_op_threads)
+    try:
+        model = QAModel(spec, tokenizer, loaded, tokenizer_copies=tokenize_threads)
+        if spec.warmup:
+            model.warm_up()
+    except BaseException:
+        loaded.close()
+        raise
+    log.info(
+        "loaded model %s from %s (%s) with %s on %s as %s, %.1f MB, in %.2fs",
+        spec.name, source, model.revision, model.backend, ",".join(model.devices), model.dtype,
+        model.nbytes / 1e6, time.perf_counter() - started,
+    )  # fmt: skip
+    return model
+
+
+def model_loader(intra_op_threads: int = 0, tokenize_threads: int = 2) -> Callable[[ModelSpec], QAModel]:
+    """load_model with the server's thread settings, for ModelRegistry(loader=...)."""
+    return functools.partial(load_model, intra_op_threads=intra_op_threads, tokenize_threads=tokenize_threads)

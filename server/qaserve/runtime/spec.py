@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A configured model: where its weights come from and how to run them."""
+    """A configured model: where its weights come from and how to run them, every value resolved (the defaults
+    here are the server settings' defaults, for models made in code)."""
 
     name: str
     source: str  # a local directory, or a hub id where the network allows
@@ -20,11 +21,12 @@ class ModelSpec:
     pinned: bool = False  # never evicted nor unloaded
     preload: bool = False  # loaded at start, before the server reports SERVING
     warmup: bool = True  # one forward pass per replica at load, so the first request is not the slow one
-    # Per-model overrides of server-wide settings; None = the server's (--max-batch-windows and so on).
-    max_batch_windows: int | None = None  # most windows per forward pass
-    max_batch_tokens: int | None = None  # most padded tokens per forward pass; 0 = by device
-    max_wait_ms: float | None = None  # longest a free replica waits for windows still being tokenized
-    max_in_flight: int | None = None  # requests of this model admitted at once (within the server's bound)
+    # Batching: the models file's values, or the server's settings where it sets none (config fills them in).
+    max_batch_windows: int = 32  # most windows per forward pass
+    max_batch_tokens: int = 0  # most padded tokens per forward pass; 0 = the device's default
+    max_wait_ms: float = 2.0  # longest a free replica waits for windows still being tokenized
+    # Requests of this model admitted at once, within the server's bound; None: no limit of its own.
+    max_in_flight: int | None = None
     # Request parameter defaults for requests that leave them unset; None = the transformers pipeline's.
     max_seq_len: int | None = None
     doc_stride: int | None = None

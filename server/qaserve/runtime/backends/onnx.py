@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 
-from qaserve.runtime.backends import load_replicas
+from qaserve.runtime.backends.base import Batch, Loaded, ReplicaThread, WindowInput, load_replicas
 from qaserve.runtime.backends.manifest import ONNX_FILE, OnnxManifest, sha256_file
-from qaserve.runtime.model import Loaded, WindowInput, WindowLogits, pad_inputs
 from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -33,22 +32,16 @@ def _weight_files(directory: Path) -> list[Path]:
     return [p for p in (directory / ONNX_FILE, directory / (ONNX_FILE + ".data")) if p.is_file()]
 
 
-class OnnxReplica:
-    """One InferenceSession with the single thread that opens it and runs its forward passes."""
+class OnnxReplica(ReplicaThread):
+    """One InferenceSession, opened and run on the replica's thread (see ReplicaThread)."""
 
     def __init__(self, label: str, device: str, path: Path, pad_token_id: int, threads: int) -> None:
-        self.label = label
-        self.device = device
-        self.pad_token_id = pad_token_id
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{label}")
-        try:
-            self.session: Any = self.executor.submit(self._open, path, threads).result()
-        except BaseException:
-            self.executor.shutdown(wait=False)
-            raise
-        self.input_names = {i.name for i in self.session.get_inputs()}
+        self._path = path
+        self.session: Any = None
+        self.input_names: set[str] = set()
+        super().__init__(label, device, pad_token_id, threads)
 
-    def _open(self, path: Path, threads: int) -> Any:
+    def open(self, threads: int) -> None:
         options = ort.SessionOptions()
         # One forward pass at a time per replica: its intra-op team does the work, nothing runs beside it.
         options.intra_op_num_threads = threads
@@ -64,7 +57,7 @@ class OnnxReplica:
         else:
             providers = ["CPUExecutionProvider"]
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            session = ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
         except Exception as error:  # ORT's own exception types say little more than their text
             text = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ValueError(f"{ONNX_FILE} could not be loaded by ONNX Runtime: {text}") from None
@@ -75,30 +68,23 @@ class OnnxReplica:
         outputs = {o.name for o in session.get_outputs()}
         if not set(OUTPUTS) <= outputs:
             raise ValueError(f"{ONNX_FILE} must output {' and '.join(OUTPUTS)}; it outputs {sorted(outputs)}")
-        return session
+        self.session = session
+        self.input_names = set(inputs)
 
-    def forward(self, windows: list[WindowInput]) -> list[WindowLogits]:
-        """One forward pass over a padded batch of windows; runs on the replica's thread."""
-        with_types = "token_type_ids" in self.input_names
-        input_ids, attention_mask, token_type_ids = pad_inputs(windows, self.pad_token_id, with_types)
-        feeds = {"input_ids": input_ids}
+    def takes_token_types(self, windows: Sequence[WindowInput]) -> bool:
+        return "token_type_ids" in self.input_names  # zeros where the tokenizer makes none
+
+    def run(self, batch: Batch) -> tuple[npt.ArrayLike, npt.ArrayLike]:
+        feeds = {"input_ids": batch.input_ids}
         if "attention_mask" in self.input_names:
-            feeds["attention_mask"] = attention_mask
-        if token_type_ids is not None:
-            feeds["token_type_ids"] = token_type_ids
+            feeds["attention_mask"] = batch.attention_mask
+        if batch.token_type_ids is not None:
+            feeds["token_type_ids"] = batch.token_type_ids
         start, end = self.session.run(list(OUTPUTS), feeds)
-        start = np.asarray(start, dtype=np.float32)
-        end = np.asarray(end, dtype=np.float32)
-        return [WindowLogits(start[row, :n], end[row, :n]) for row, n in enumerate(len(w.input_ids) for w in windows)]
+        return start, end
 
-    def close(self) -> None:
-        """Drops the session on the replica's thread and stops the thread."""
-
-        def release() -> None:
-            self.session = None
-
-        self.executor.submit(release).result()
-        self.executor.shutdown(wait=True)
+    def release(self) -> None:
+        self.session = None
 
 
 class OnnxBackend:

@@ -7,14 +7,13 @@ import json
 import logging
 import struct
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy.typing as npt
 import torch
 
-from qaserve.runtime.backends import load_replicas
+from qaserve.runtime.backends.base import Batch, Loaded, ReplicaThread, load_replicas
 from qaserve.runtime.backends.manifest import weights_revision
-from qaserve.runtime.model import Loaded, WindowInput, WindowLogits, pad_inputs
 from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -73,9 +72,8 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
-class TorchReplica:
-    """The model on one device, with the single thread that loads it, warms it up and runs its forward passes:
-    torch runs on no other thread, so no second OpenMP team competes for the cores."""
+class TorchReplica(ReplicaThread):
+    """The model on one device, loaded, warmed up and run on the replica's thread (see ReplicaThread)."""
 
     def __init__(
         self,
@@ -86,44 +84,30 @@ class TorchReplica:
         weights: Callable[[torch.device], torch.nn.Module],
     ) -> None:
         """`weights(device)` gives the model on `device`; it runs on the replica's thread."""
-        self.label = label
-        self.device = str(device)
-        self.pad_token_id = pad_token_id
         self._device = device
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{label}")
-        try:
-            self.executor.submit(torch.set_num_threads, threads).result()
-            self.module: torch.nn.Module | None = self.executor.submit(weights, device).result()
-        except BaseException:
-            self.executor.shutdown(wait=False)
-            raise
+        self._weights = weights
+        self.module: torch.nn.Module | None = None
+        super().__init__(label, str(device), pad_token_id, threads)
 
-    def forward(self, windows: list[WindowInput]) -> list[WindowLogits]:
-        """One forward pass over a padded batch of windows; runs on the replica's thread."""
+    def open(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.module = self._weights(self._device)
+
+    def run(self, batch: Batch) -> tuple[npt.ArrayLike, npt.ArrayLike]:
         assert self.module is not None, "replica closed"
-        with_types = windows[0].token_type_ids is not None
-        input_ids, attention_mask, token_type_ids = pad_inputs(windows, self.pad_token_id, with_types)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            inputs["token_type_ids"] = token_type_ids
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if batch.token_type_ids is not None:
+            inputs["token_type_ids"] = batch.token_type_ids
         with torch.inference_mode():
             output = self.module(
                 **{k: torch.from_numpy(v).to(self._device, non_blocking=True) for k, v in inputs.items()}
             )
-            start = output.start_logits.float().cpu().numpy()
-            end = output.end_logits.float().cpu().numpy()
-        return [WindowLogits(start[row, :n], end[row, :n]) for row, n in enumerate(len(w.input_ids) for w in windows)]
+            return output.start_logits.float().cpu().numpy(), output.end_logits.float().cpu().numpy()
 
-    def close(self) -> None:
-        """Drops the weights on the replica's thread (freeing device memory) and stops the thread."""
-
-        def release() -> None:
-            self.module = None
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
-
-        self.executor.submit(release).result()
-        self.executor.shutdown(wait=True)
+    def release(self) -> None:
+        self.module = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 class TorchBackend:
