@@ -37,8 +37,9 @@ def keyword_model(tiny_model_dir: Path, directory: Path, keyword: str) -> Path:
     return directory
 
 
-def forward_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("forward-")]
+def forward_threads(model: str) -> list[str]:
+    """The live replica threads of `model` (ReplicaThread names them forward-<model>-<device>-<i>)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith(f"forward-{model}-")]
 
 
 async def test_a_backend_in_the_table_serves_models_that_name_it(
@@ -60,7 +61,7 @@ async def test_a_backend_in_the_table_serves_models_that_name_it(
             assert (info.state.value, info.devices) == ("ready", ("cpu",))
         finally:
             await engine.registry.close()
-    assert forward_threads() == []
+    assert forward_threads("europe") == []
 
 
 def test_the_settings_and_the_build_info_read_the_table(keyword_backend: None) -> None:
@@ -92,7 +93,7 @@ def test_a_replica_opens_runs_and_releases_on_its_own_thread(
         assert len(replica.thread_names) == 3
         assert all(name.startswith(f"forward-{replica.label}") for name in replica.thread_names)
         assert not replica.opened
-    assert forward_threads() == []
+    assert forward_threads("m") == []
 
 
 def test_a_replica_that_fails_to_open_leaves_no_thread_behind(
@@ -101,4 +102,4 @@ def test_a_replica_that_fails_to_open_leaves_no_thread_behind(
     directory = keyword_model(tiny_model_dir, tmp_path / "m", "")
     with pytest.raises(ValueError, match=f"{KEYWORD_FILE} is empty"):
         load_model(ModelSpec("m", str(directory), backend="keyword"))
-    assert forward_threads() == []
+    assert forward_threads("m") == []
