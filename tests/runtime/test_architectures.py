@@ -12,10 +12,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from qaserve.qa import Answer, QAParams, QARequest
-from qaserve.runtime import QAEngine
+from qaserve.runtime import QAEngine, build_engine
 from qaserve.runtime.backends import MANIFEST_FILE
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
-from qaserve.server import build_engine
 
 from qaserve_testing import FAMILIES, Family, build_tiny_model, export_tiny_onnx
 
