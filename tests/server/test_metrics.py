@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qaserve.config import Settings, parse_settings
@@ -243,6 +243,15 @@ async def test_model_state_gauge_follows_load_and_unload(tiny_model_dir: Path, t
     finally:
         release.set()
         await registry.close()
+
+
+def test_counters_and_histograms_export_no_created_series() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.errors.labels("OVERLOADED").inc()
+    metrics.request_duration.labels("Answer", "tiny", "OK").observe(0.1)
+    exported = generate_latest(metrics.registry).decode()
+    assert "qaserve_errors_total" in exported and "qaserve_request_duration_seconds_count" in exported
+    assert "_created" not in exported
 
 
 def test_a_removed_model_leaves_no_state_series() -> None:
