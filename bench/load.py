@@ -16,6 +16,13 @@ Ratios against (a) on every row (q/s, and p50 difference at concurrency 1), and 
 
     make bench                                     # about 3 minutes per model
     make bench ARGS="--seconds 5 --limit 100 --markdown bench.md"
+
+With --target HOST:PORT the same workload goes to a server started elsewhere (a port-forwarded pod, a Service),
+plaintext or --tls, with --token-file, over --channels connections: closed loop at each --concurrency, or with --rate
+open loop at each fixed arrival rate (latency from each request's due time), plus a PNG of p50/p99 against the
+offered rate (--plot):
+
+    python -m bench.load --target localhost:50051 --rate 5,10,20,40 --seconds 30 --plot load.png
 """
 
 from __future__ import annotations
@@ -43,16 +50,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.bare import percentile
+from bench.drive import Connection, Measured, closed_loop, open_loop, requests_of, stubs
 from bench.evaldata import SQUAD_DEV, Question, load_questions
-from qaserve_client.v1 import question_answering_pb2 as pb
-from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "models" / "minilm-l6-squadshifts"
 BARE = Path(__file__).resolve().with_name("bare.py")
 CONCURRENCY = (1, 8, 32, 64)
 CACHE_ROW_CONCURRENCY = 32
-REQUEST_TIMEOUT = 120.0  # seconds; far above any latency of a healthy run, so a slow row shows as latency
 # Variables that change how the frameworks run; the baselines and the servers start without them, as `make run` does
 # in a plain shell.
 CLEAN_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "QASERVE_")
@@ -70,6 +75,16 @@ class Row:
     p99: float
     errors: Counter[str] = field(default_factory=Counter)
     bare: bool = False
+    offered: float | None = None  # open loop: the arrival rate, q/s
+
+    @classmethod
+    def of(
+        cls, model: str, label: str, backend: str, concurrency: int, measured: Measured, offered: float | None = None
+    ) -> Row:
+        """A measured row: percentiles of its latencies in milliseconds."""
+        ms = [s * 1e3 for s in measured.latencies] or [float("nan")]
+        p50, p95, p99 = (percentile(ms, q) for q in (0.5, 0.95, 0.99))
+        return cls(model, label, backend, concurrency, measured.qps, p50, p95, p99, measured.errors, offered=offered)
 
 
 def select_workload(questions: Sequence[Question], stride: int, limit: int | None) -> list[tuple[str, str]]:
@@ -166,35 +181,11 @@ class ServerProcess:
         self.log.close()
 
 
-async def closed_loop(
-    target: str, workload: list[tuple[str, str]], concurrency: int, seconds: float, warmup: float
-) -> tuple[float, list[float], Counter[str]]:
-    """`concurrency` in-flight slots, each sending its next question as soon as the previous answer arrives; returns
-    answers per second, latencies (s) of the measured answers, and errors by gRPC code (warm-up included)."""
-    errors: Counter[str] = Counter()
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.QuestionAnsweringServiceStub(channel)
-        requests = [pb.AnswerRequest(question=q, context=c) for q, c in workload]
-
-        async def slot(index: int, until: float, latencies: list[float]) -> None:
-            i = index * len(requests) // concurrency  # slots start spread over the workload
-            while time.perf_counter() < until:
-                t0 = time.perf_counter()
-                try:
-                    await stub.Answer(requests[i % len(requests)], timeout=REQUEST_TIMEOUT)
-                except grpc.aio.AioRpcError as exc:
-                    errors[exc.code().name] += 1
-                else:
-                    latencies.append(time.perf_counter() - t0)
-                i += 1
-
-        warm_until = time.perf_counter() + warmup
-        await asyncio.gather(*(slot(c, warm_until, []) for c in range(concurrency)))
-        latencies: list[float] = []
-        started = time.perf_counter()
-        await asyncio.gather(*(slot(c, started + seconds, latencies) for c in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return len(latencies) / elapsed, latencies, errors
+async def _closed_loop(
+    connection: Connection, workload: list[tuple[str, str]], concurrency: int, seconds: float, warmup: float
+) -> Measured:
+    async with stubs(connection) as found:
+        return await closed_loop(found, requests_of(workload), concurrency, seconds, warmup)
 
 
 def server_rows(
@@ -206,17 +197,107 @@ def server_rows(
     try:
         asyncio.run(server.ready())
         for concurrency in [CACHE_ROW_CONCURRENCY] if cache else args.concurrency:
-            qps, latencies, errors = asyncio.run(
-                closed_loop(server.target, workload, concurrency, args.seconds, args.warmup)
+            measured = asyncio.run(
+                _closed_loop(Connection(server.target), workload, concurrency, args.seconds, args.warmup)
             )
-            ms = [s * 1e3 for s in latencies] or [float("nan")]
-            p50, p95, p99 = (percentile(ms, q) for q in (0.5, 0.95, 0.99))
-            row = Row(model, label, backend, concurrency, qps, p50, p95, p99, errors)
+            row = Row.of(model, label, backend, concurrency, measured)
             progress(row)
             rows.append(row)
     finally:
         server.stop()
     return rows
+
+
+# -- a server started elsewhere (--target) -------------------------------------------------------------------------
+
+
+def connection_of(args: argparse.Namespace) -> Connection:
+    token = Path(args.token_file).read_text(encoding="utf-8").strip() if args.token_file else None
+    return Connection(args.target, args.channels, args.tls, args.ca_file, args.server_name, token)
+
+
+async def target_rows(args: argparse.Namespace, workload: list[tuple[str, str]]) -> list[Row]:
+    """Open loop at each --rate, or else closed loop at each --concurrency, against --target."""
+    rows = []
+    model = args.model or "(server default)"
+    async with stubs(connection_of(args)) as found:
+        requests = requests_of(workload, args.model)
+        for rate in args.rate:
+            measured = await open_loop(found, requests, rate, args.seconds, args.warmup)
+            rows.append(Row.of(model, f"open loop, {args.channels} channels", "remote", 0, measured, offered=rate))
+            progress(rows[-1])
+        for concurrency in [] if args.rate else args.concurrency:
+            measured = await closed_loop(found, requests, concurrency, args.seconds, args.warmup)
+            rows.append(Row.of(model, f"closed loop, {args.channels} channels", "remote", concurrency, measured))
+            progress(rows[-1])
+    return rows
+
+
+def target_table(rows: list[Row]) -> list[str]:
+    lines = [
+        "| model | row | offered q/s | concurrency | q/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for row in rows:
+        offered = f"{row.offered:g}" if row.offered is not None else ""
+        concurrency = str(row.concurrency) if row.offered is None else ""
+        lines.append(
+            f"| {row.model} | {row.label} | {offered} | {concurrency} | {row.qps:.1f} | {row.p50:.1f} "
+            f"| {row.p95:.1f} | {row.p99:.1f} | {format_errors(row.errors)} |"
+        )
+    return lines
+
+
+def write_plot(rows: list[Row], path: Path, title: str) -> None:
+    """p50 and p99 (ms, log scale) against the offered rate of the open-loop rows, and the answered rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot
+
+    open_rows = sorted((r for r in rows if r.offered is not None), key=lambda r: r.offered or 0.0)
+    offered = [r.offered for r in open_rows]
+    figure, latency = pyplot.subplots(figsize=(8, 5))
+    latency.plot(offered, [r.p50 for r in open_rows], marker="o", label="p50")
+    latency.plot(offered, [r.p99 for r in open_rows], marker="o", label="p99")
+    latency.set_yscale("log")
+    latency.set_xlabel("offered rate, q/s (open loop)")
+    latency.set_ylabel("latency from the due time, ms")
+    answered = latency.twinx()
+    answered.plot(offered, [r.qps for r in open_rows], color="grey", linestyle="--", marker=".", label="answered q/s")
+    answered.set_ylabel("answered q/s")
+    handles = latency.get_legend_handles_labels()[0] + answered.get_legend_handles_labels()[0]
+    latency.legend(handles=handles, loc="upper left")
+    latency.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+def target_main(args: argparse.Namespace, argv: Sequence[str], workload: list[tuple[str, str]]) -> int:
+    rows = asyncio.run(target_rows(args, workload))
+    errors = sum(sum(row.errors.values()) for row in rows)
+    report = [
+        f"qaserve bench against {args.target}: {len(workload)} questions of {args.data.name} (1 in {args.stride}), "
+        f"{args.seconds:g} s per row after {args.warmup:g} s of warm-up, {args.channels} gRPC channels"
+        f"{', TLS' if args.tls or args.ca_file else ''}{', bearer token' if args.token_file else ''}",
+        "",
+        f"- load generator: {machine()}",
+        f"- command: `{command_line(argv)}`",
+        "- open loop: request i is due at start + i/rate whatever came before; latency counts from the due time",
+        "",
+        *target_table(rows),
+        "",
+        f"- errors: {errors}",
+    ]
+    if args.rate and args.plot:
+        write_plot(rows, args.plot, f"qaserve at {args.target}")
+        report.append(f"- plot: {args.plot}")
+    text = "\n".join(report)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return 1 if errors else 0
 
 
 # -- the report ------------------------------------------------------------------------------------------------------
@@ -381,8 +462,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the qaserve executable to start (default: this Python's console script)",
     )
     parser.add_argument("--server-args", default="", help='extra flags for every server, e.g. "--intra-op-threads 1"')
+    remote = parser.add_argument_group("a server started elsewhere (no local servers, no baselines)")
+    remote.add_argument("--target", help="HOST:PORT (or dns:///NAME:PORT) of a running qaserve")
+    remote.add_argument("--rate", default="", help="open loop at each arrival rate, q/s, comma-separated")
+    remote.add_argument("--channels", type=int, default=4, help="gRPC channels (connections) to spread over")
+    remote.add_argument("--model", default="", help="the model to ask (default: the server's default)")
+    remote.add_argument("--tls", action="store_true", help="TLS, the server checked against the system's roots")
+    remote.add_argument("--ca-file", type=Path, help="TLS, the server checked against this CA (PEM)")
+    remote.add_argument("--server-name", help="the name the server's certificate must hold (TLS)")
+    remote.add_argument("--token-file", type=Path, help="send the bearer token this file holds")
+    remote.add_argument("--plot", type=Path, default=Path("load.png"), help="p50/p99 plot of the --rate rows (PNG)")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.rate = [float(r) for r in args.rate.split(",") if r.strip()]
+    if (args.rate and min(args.rate) <= 0) or args.channels < 1:
+        parser.error("--rate must be above 0 and --channels at least 1")
+    if args.rate and not args.target:
+        parser.error("--rate needs --target (the local rows run closed loop)")
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if unknown := set(args.backends) - {"torch", "onnx"}:
         parser.error(f"--backends: unknown {', '.join(sorted(unknown))} (torch, onnx)")
@@ -397,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     workload = select_workload(load_questions(args.data), args.stride, args.limit)
+    if args.target:
+        return target_main(args, argv, workload)
     rows: list[Row] = []
     baselines: dict[tuple[str, str], Row] = {}
     notes: list[str] = []

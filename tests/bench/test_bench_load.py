@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -78,15 +80,23 @@ def test_errors_are_printed_by_code() -> None:
     assert "| DEADLINE_EXCEEDED 1, UNAVAILABLE 2 |" in line
 
 
-def test_bench_runs_the_bare_baseline_and_the_default_server_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A short run on a tiny model: the bare torch baseline (one long context gives several windows) and the default
-    server's row; the report names the machine, the command and zero errors."""
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """Two SQuAD questions: one on a short context, one on a long context that gives several windows."""
     answers = [{"text": "Paris", "answer_start": 54}]
     qas = [{"id": str(i), "question": SEED_QUESTION, "answers": answers} for i in (0, 1)]
     long_context = SEED_CONTEXT + " Paris." * 400
     paragraphs = [{"context": SEED_CONTEXT, "qas": qas[:1]}, {"context": long_context, "qas": qas[1:]}]
-    data = tmp_path / "squad.json"
-    data.write_text(json.dumps({"data": [{"title": "t", "paragraphs": paragraphs}]}))
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": paragraphs}]}))
+    return path
+
+
+def test_bench_runs_the_bare_baseline_and_the_default_server_end_to_end(
+    tiny_model_dir: Path, tmp_path: Path, data: Path
+) -> None:
+    """A short run on a tiny model: the bare torch baseline and the default server's row; the report names the
+    machine, the command and zero errors."""
     report = tmp_path / "bench.md"
     argv = ["--models", str(tiny_model_dir), "--data", str(data), "--stride", "1", "--seconds", "0.3"]
     argv += ["--warmup", "0", "--backends", "", "--concurrency", "2", "--markdown", str(report)]
@@ -104,3 +114,33 @@ def test_bench_runs_the_bare_baseline_and_the_default_server_end_to_end(tiny_mod
     windows = next(line for line in text.splitlines() if "windows for 2 questions" in line)
     assert int(windows.split(": ")[1].split()[0]) > 2
     assert "- errors: 0" in text
+
+
+def test_bench_drives_a_server_started_elsewhere_open_loop_with_a_token(
+    tiny_model_dir: Path, tmp_path: Path, data: Path
+) -> None:
+    """--target: no local servers, no baselines; open loop at each --rate over several channels, a bearer token from
+    a file, the table and the plot written; a wrong token shows as UNAUTHENTICATED errors and exit status 1."""
+    (tmp_path / "tokens").write_text("s3cret\n")
+    (tmp_path / "token").write_text("s3cret\n")
+    (tmp_path / "wrong").write_text("guess\n")
+    qaserve = str(Path(sys.executable).with_name("qaserve"))
+    server = load.ServerProcess(
+        qaserve, tiny_model_dir, "tiny", "auto", True, ["--auth-tokens-file", str(tmp_path / "tokens")]
+    )
+    try:
+        asyncio.run(server.ready())
+        argv = ["--target", server.target, "--rate", "4,8", "--seconds", "1", "--warmup", "0.2", "--channels", "2"]
+        argv += ["--data", str(data), "--stride", "1", "--plot", str(tmp_path / "load.png")]
+        assert load.main([*argv, "--token-file", str(tmp_path / "token"), "--markdown", str(tmp_path / "ok.md")]) == 0
+        assert load.main([*argv, "--token-file", str(tmp_path / "wrong"), "--markdown", str(tmp_path / "no.md")]) == 1
+    finally:
+        server.stop()
+
+    text = (tmp_path / "ok.md").read_text()
+    assert f"against {server.target}" in text and "2 gRPC channels, bearer token" in text
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines() if "| open loop" in line]
+    assert [row[2] for row in rows] == ["4", "8"]  # offered q/s
+    assert all(float(row[4]) > 0 and row[8] == "0" for row in rows)  # answered q/s, errors
+    assert (tmp_path / "load.png").read_bytes().startswith(b"\x89PNG")
+    assert "UNAUTHENTICATED" in (tmp_path / "no.md").read_text()
