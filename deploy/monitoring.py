@@ -120,6 +120,12 @@ ROWS: dict[str, tuple[Query, ...]] = {
         Query("Models failed", 'max by (model) (qaserve_model_state{state="failed"})', "short", "{{model}}"),
         Query("Model bytes by device", "sum by (device) (qaserve_model_bytes)", "bytes", "{{device}}"),
     ),
+    # What deploy/k8s/components/keda scales on: totals over the pods of the qaserve Service's job (KEDA divides by
+    # the pod count).
+    "Scaling": (
+        Query("Requests in flight, all pods", 'sum(qaserve_requests_in_flight{job="qaserve"})', "short"),
+        Query("Windows queued, all pods", 'sum(qaserve_queue_depth_windows{job="qaserve"})', "short"),
+    ),
     "Process": (
         Query("Resident memory", f"process_resident_memory_bytes {QASERVE_TARGETS}", "bytes", "{{instance}}"),
         Query("CPU", f"rate(process_cpu_seconds_total[{WINDOW}]) {QASERVE_TARGETS}", "short", "{{instance}}"),

@@ -258,3 +258,38 @@ def test_a_hand_edited_dashboard_or_rule_file_is_reported(tmp_path: Path, monkey
     assert monitoring.stale_files() == []
     (tmp_path / "qaserve.json").write_text((tmp_path / "qaserve.json").read_text().replace("[1m]", "[5m]"))
     assert monitoring.stale_files() == ["qaserve.json: out of date (python deploy/monitoring.py)"]
+
+
+def test_keda_replaces_the_hpa_and_scales_on_tested_queries(rendered: dict[str, list[Any]]) -> None:
+    keda = rendered["base + components/keda"]
+    assert not [m for m in keda if m.doc["kind"] == "HorizontalPodAutoscaler"]
+    triggers = _doc(keda, "ScaledObject")["spec"]["triggers"]
+    queries = {q.expr for q in check.monitoring.QUERIES.values()}
+    assert [t["metadata"]["threshold"] for t in triggers] == ["8", "32"]
+    assert all(t["metadata"]["query"] in queries for t in triggers)
+
+
+def test_scaled_object_check_rejects_what_keda_documents_otherwise(rendered: dict[str, list[Any]]) -> None:
+    keda = rendered["base + components/keda"]
+    number = copy.deepcopy(keda)
+    _doc(number, "ScaledObject")["spec"]["triggers"][0]["metadata"]["threshold"] = 8
+    assert any("is not of type 'string'" in p for p in check.consistency_problems(number))
+    typo = copy.deepcopy(keda)
+    _doc(typo, "ScaledObject")["spec"]["minReplicas"] = 1
+    assert any("minReplicas" in p for p in check.consistency_problems(typo))
+    both = copy.deepcopy(keda) + [m for m in rendered["base"] if m.doc["kind"] == "HorizontalPodAutoscaler"]
+    assert any("fights it" in p for p in check.consistency_problems(both))
+
+
+def test_network_policy_lets_only_prometheus_reach_metrics(rendered: dict[str, list[Any]]) -> None:
+    guarded = rendered["base + components/network-policy"]
+    ingress = _doc(guarded, "NetworkPolicy")["spec"]["ingress"]
+    (metrics_rule,) = [rule for rule in ingress if {"port": "metrics", "protocol": "TCP"} in rule["ports"]]
+    assert metrics_rule["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+    open_metrics = copy.deepcopy(guarded)
+    _doc(open_metrics, "NetworkPolicy")["spec"]["ingress"][0]["ports"].append({"port": "metrics"})
+    assert any("metrics port" in p for p in check.consistency_problems(open_metrics))
+    new_port = copy.deepcopy(guarded)
+    _container(new_port)["ports"].append({"name": "http", "containerPort": 8080, "protocol": "TCP"})
+    assert any("container port http admits no one" in p for p in check.consistency_problems(new_port))
