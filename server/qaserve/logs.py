@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from opentelemetry import trace
+
 # The id of the request whose handler is running; grpc.aio runs every RPC in a task of its own, so it never leaks
 # into another request's records.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("qaserve_request_id", default="")
@@ -28,9 +30,21 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class TraceContextFilter(logging.Filter):
+    """Sets `record.trace_id` and `record.span_id` (lowercase hex, as W3C traceparent writes them) from the span
+    being recorded, so a log line leads to its trace; nothing when tracing is off."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+        return True
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time (RFC 3339, UTC), level, logger, message, request_id, the record's
-    `extra=` fields, and the traceback as `exception`."""
+    """One JSON object per record: time (RFC 3339, UTC), level, logger, message, request_id, trace_id and span_id
+    (when traced), the record's `extra=` fields, and the traceback as `exception`."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -54,6 +68,7 @@ def configure_logging(level: str, log_format: str = "text", stream: TextIO | Non
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(TraceContextFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

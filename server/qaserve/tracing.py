@@ -30,6 +30,8 @@ BATCH_WINDOWS = "qaserve.batch.windows"
 BATCH_SIZES = "qaserve.batch.sizes"
 FORWARD_PASSES = "qaserve.forward.passes"
 EXPORTERS = ("otlp", "console", "none")
+# OTLP transports: gRPC (a collector's port 4317) and protobuf over HTTP (4318, the OpenTelemetry spec's default).
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 
 
 class Tracing:
@@ -119,12 +121,19 @@ def tracing_from_environment(otlp_endpoint: str = "", environ: Mapping[str, str]
     names = [n for n in names if n != "none"]
     if not names:
         return None
-    if "otlp" in names:
-        for variable in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-            protocol = environ.get(variable, "grpc").strip().lower()
-            if protocol != "grpc":
-                raise ValueError(f"{variable}: unsupported {protocol!r} (allowed: grpc)")
-    return Tracing(_provider([_exporter(name, otlp_endpoint) for name in names]))
+    protocol = _otlp_protocol(environ)
+    return Tracing(_provider([_exporter(name, otlp_endpoint, protocol) for name in names]))
+
+
+def _otlp_protocol(environ: Mapping[str, str]) -> str:
+    """OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else OTEL_EXPORTER_OTLP_PROTOCOL, else grpc (qaserve's default since
+    before it spoke HTTP: a collector's port 4317)."""
+    for variable in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        if value := environ.get(variable, "").strip().lower():
+            if value not in OTLP_PROTOCOLS:
+                raise ValueError(f"{variable}: unsupported {value!r} (allowed: {', '.join(OTLP_PROTOCOLS)})")
+            return value
+    return "grpc"
 
 
 def _provider(exporters: Sequence[SpanExporter]) -> TracerProvider:
@@ -140,11 +149,16 @@ def _provider(exporters: Sequence[SpanExporter]) -> TracerProvider:
     return provider
 
 
-def _exporter(name: str, otlp_endpoint: str) -> SpanExporter:
+def _exporter(name: str, otlp_endpoint: str, protocol: str) -> SpanExporter:
     if name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        # --otlp-endpoint is the collector's base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is: traces go to /v1/traces.
+        return HttpExporter(endpoint=f"{otlp_endpoint.rstrip('/')}/v1/traces" if otlp_endpoint else None)
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     return OTLPSpanExporter(endpoint=otlp_endpoint or None)

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import importlib.metadata
+import io
 import itertools
+import json
+import logging
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 
+from qaserve.logs import configure_logging
 from qaserve.server import QAServer, create_server
 from qaserve.tracing import Tracing, tracing_from_environment
 from qaserve_client.v1 import question_answering_pb2 as pb
@@ -123,6 +130,29 @@ async def test_answer_span_continues_the_callers_trace_with_four_stage_children(
     assert forward["qaserve.forward.passes"] == 1
     assert forward["qaserve.device"] == "cpu"
     assert stages[0].attributes is not None and stages[0].attributes["qaserve.windows"] == 1
+
+
+async def test_json_log_lines_of_a_traced_request_carry_its_trace_and_span_ids(
+    channel: grpc.aio.Channel, spans: InMemorySpanExporter
+) -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging("DEBUG", "json", stream)
+        stub = pb_grpc.QuestionAnsweringServiceStub(channel)
+        metadata = (("traceparent", f"00-{TRACE_ID}-{CALLER_SPAN_ID}-01"), ("x-request-id", "logged-1"))
+        await stub.Answer(pb.AnswerRequest(question=SEED_QUESTION, context=SEED_CONTEXT), metadata=metadata)
+        rpc = await rpc_span(spans, ANSWER)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (request_line,) = [line for line in lines if line.get("request_id") == "logged-1"]
+    assert rpc.context is not None
+    assert request_line["trace_id"] == TRACE_ID
+    assert request_line["span_id"] == format(rpc.context.span_id, "016x")
+    assert not [line for line in lines if "trace_id" in line and line.get("request_id") != "logged-1"]
 
 
 async def test_without_traceparent_the_rpc_span_starts_a_trace(
@@ -261,14 +291,51 @@ def test_service_name_is_qaserve_unless_otel_environment_says_otherwise(monkeypa
     [
         ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
         (
-            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
             "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "thrift"},
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
         ),
     ],
 )
 def test_unusable_otel_settings_are_named(environ: dict[str, str], named: str) -> None:
     with pytest.raises(ValueError, match=named):
         tracing_from_environment("", environ)
+
+
+def test_otlp_over_http_protobuf_posts_the_spans_to_the_collector_s_v1_traces() -> None:
+    received: list[tuple[str, str, bytes]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers["Content-Type"], body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+            self.wfile.write(trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
+        tracing = tracing_from_environment(endpoint, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+        assert tracing is not None
+        with tracing.tracer.start_as_current_span("probe"):
+            pass
+        tracing.shutdown()
+    finally:
+        collector.shutdown()
+    (path, content_type, body), *_ = received
+    assert (path, content_type) == ("/v1/traces", "application/x-protobuf")
+    request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+    names = [span.name for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans]
+    assert names == ["probe"]
 
 
 async def test_serve_exits_2_naming_an_unusable_otel_variable(tiny_model_dir: Path) -> None:

@@ -141,8 +141,8 @@ class Settings(BaseSettings):
         "is required on every RPC but health and reflection"
     )  # fmt: skip
     otlp_endpoint: str = Field(
-        "", description="OTLP/gRPC collector for traces, e.g. http://otel-collector:4317 (default: the OTEL_* "
-        "environment; tracing is off without either)"
+        "", description="OTLP collector for traces, e.g. http://otel-collector:4317 (gRPC), or :4318 with "
+        "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf (default: the OTEL_* environment; tracing is off without either)"
     )  # fmt: skip
     log_level: LogLevel = Field("INFO", description="least severe level logged (any case)")
     log_format: Literal["text", "json"] = Field(
