@@ -7,18 +7,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
-from qaserve.config import EMBEDDED_MODEL
 from qaserve.qa import QAParams, Windows, decode_answers, split_into_windows
 from qaserve.qa.windowing import resolve_params
 
 HIGH = 8.0
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    return AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
 
 
 def windows_for(tokenizer: Any, question: str, context: str, **params: Any) -> tuple[Windows, QAParams]:

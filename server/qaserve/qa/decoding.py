@@ -50,31 +50,71 @@ def score_windows(
 ) -> list[WindowCandidates]:
     """Candidates of the windows `indices` (row i of the logits belongs to window indices[i]), vectorised."""
     assert params.top_k is not None and params.max_answer_len is not None, "params must be resolved"
-    n_rows, length = start_logits.shape
-    mask = np.zeros((n_rows, length), dtype=bool)
-    for row, w in enumerate(indices):
-        window_mask = windows.answer_masks[w]
-        mask[row, : len(window_mask)] = window_mask
-
+    mask = _rows_mask(windows.answer_masks, indices, start_logits.shape)
     start = _softmax(np.where(mask, start_logits.astype(np.float32, copy=False), np.float32(MASKED_LOGIT)))
     end = _softmax(np.where(mask, end_logits.astype(np.float32, copy=False), np.float32(MASKED_LOGIT)))
     null_scores = (start[:, 0] * end[:, 0]).tolist()
     start[:, 0] = 0.0
     end[:, 0] = 0.0
-
-    # scores[w, i, k] = p_start[i] * p_end[i + k] for 0 <= k < max_answer_len: only the band of allowed spans,
-    # so memory grows with windows x length x max_answer_len, not length squared.
-    span = min(params.max_answer_len, length)
-    padded_end = np.pad(end, ((0, 0), (0, span - 1)))
-    bands = np.lib.stride_tricks.sliding_window_view(padded_end, span, axis=1)
-    scores = (start[:, :, None] * bands).reshape(n_rows, -1)
-
+    span = min(params.max_answer_len, start.shape[1])
+    scores = _span_band(start, end, span, np.multiply, 0.0)
     # The pipeline keeps extra candidates per window when aligning to words: several token spans can widen to
     # the same words and merge.
     per_window = params.top_k * 2 + 10 if params.align_to_words else params.top_k
+    spans = _best_spans(windows, indices, scores, span, per_window, params.align_to_words)
+    return [WindowCandidates(found, null) for found, null in zip(spans, null_scores, strict=True)]
+
+
+def calibrated_spans(
+    windows: Windows,
+    start_logits: Logits,
+    end_logits: Logits,
+    params: QAParams,
+    calibration_factor: float,
+    per_window: int,
+) -> list[list[tuple[float, int, int]]]:
+    """Per window, its best `per_window` spans as (score, char_start, char_end), best first, each scored on its
+    own as Haystack's ExtractiveReader does: sigmoid((start logit + end logit) x calibration_factor), over the
+    context's tokens only (no CLS), start <= end < start + max_answer_len."""
+    assert params.max_answer_len is not None, "params must be resolved"
+    context_masks = [[seq == windows.context_index for seq in encoding.sequence_ids] for encoding in windows.encodings]
+    mask = _rows_mask(context_masks, range(len(windows)), start_logits.shape)
+    start = np.where(mask, start_logits.astype(np.float32, copy=False), np.float32(-np.inf))
+    end = np.where(mask, end_logits.astype(np.float32, copy=False), np.float32(-np.inf))
+    span = min(params.max_answer_len, start.shape[1])
+    logits = _span_band(start, end, span, np.add, -np.inf)
+    # sigmoid(x) = exp(-log(1 + exp(-x))): no overflow for large logits, exactly 0 for masked spans.
+    scores = np.exp(-np.logaddexp(np.float32(0.0), -logits * np.float32(calibration_factor)))
+    return _best_spans(windows, range(len(windows)), scores, span, per_window, params.align_to_words)
+
+
+def _rows_mask(
+    masks: Sequence[Sequence[bool]], indices: Sequence[int], shape: tuple[int, ...]
+) -> npt.NDArray[np.bool_]:
+    """[rows, length] mask: row i holds masks[indices[i]], False past its end."""
+    mask = np.zeros(shape, dtype=bool)
+    for row, w in enumerate(indices):
+        mask[row, : len(masks[w])] = masks[w]
+    return mask
+
+
+def _span_band(start: Logits, end: Logits, span: int, combine: Any, pad: float) -> Logits:
+    """band[w, i * span + k] = combine(start[w, i], end[w, i + k]) for 0 <= k < span (past the end: `pad`): only
+    the spans allowed, so memory grows with windows x length x max_answer_len, not length squared."""
+    n_rows = start.shape[0]
+    padded_end = np.pad(end, ((0, 0), (0, span - 1)), constant_values=pad)
+    bands = np.lib.stride_tricks.sliding_window_view(padded_end, span, axis=1)
+    band: Logits = combine(start[:, :, None], bands).reshape(n_rows, -1)
+    return band
+
+
+def _best_spans(
+    windows: Windows, indices: Sequence[int], scores: Logits, span: int, per_window: int, align_to_words: bool
+) -> list[list[tuple[float, int, int]]]:
+    """Per row of a _span_band (row i: window indices[i]), its `per_window` best spans with a positive score as
+    (score, char_start, char_end), best first."""
     top_index = _top_k(scores, min(per_window, scores.shape[1]))
     top_scores = np.take_along_axis(scores, top_index, axis=1)
-
     result = []
     for row, w in enumerate(indices):
         encoding = windows.encodings[w]
@@ -83,8 +123,8 @@ def score_windows(
             if score <= 0.0:
                 break  # only masked or out-of-band spans are left in this window
             s, k = divmod(index, span)
-            spans.append((score, *_char_span(encoding, s, s + k, windows.context_index, params.align_to_words)))
-        result.append(WindowCandidates(spans, null_scores[row]))
+            spans.append((score, *_char_span(encoding, s, s + k, windows.context_index, align_to_words)))
+        result.append(spans)
     return result
 
 
@@ -104,14 +144,19 @@ def merge_candidates(context: str, candidates: Sequence[WindowCandidates], param
                 )
             else:
                 by_text[key] = len(answers)
-                byte_start = len(context[:char_start].encode("utf-8"))
-                byte_end = byte_start + len(text.encode("utf-8"))
-                answers.append(Answer(text, score, char_start, char_end, byte_start, byte_end))
+                answers.append(answer_at(context, score, char_start, char_end))
 
     if params.handle_impossible_answer and candidates:
         answers.append(Answer("", min(c.null_score for c in candidates), 0, 0, 0, 0))
     answers.sort(key=lambda a: a.score, reverse=True)
     return answers[: params.top_k]
+
+
+def answer_at(context: str, score: float, char_start: int, char_end: int) -> Answer:
+    """The answer context[char_start:char_end], with its UTF-8 byte offsets."""
+    text = context[char_start:char_end]
+    byte_start = len(context[:char_start].encode("utf-8"))
+    return Answer(text, score, char_start, char_end, byte_start, byte_start + len(text.encode("utf-8")))
 
 
 def _char_span(encoding: Any, s: int, e: int, context_index: int, align_to_words: bool) -> tuple[int, int]:
