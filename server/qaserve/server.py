@@ -169,6 +169,7 @@ def create_server(
         metrics=metrics,
         max_in_flight=settings.max_in_flight,
         max_context_chars=settings.max_context_chars,
+        max_passages=settings.max_passages,
         on_state=ModelHealth(health_servicer),
         cache_bytes=settings.response_cache_bytes,
         intra_op_threads=settings.intra_op_threads,

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,44 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ScoreMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScoreModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScoreMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCORE_MODE_UNSPECIFIED: _ScoreMode.ValueType  # 0
+    """The server's default: SCORE_MODE_CALIBRATED."""
+    SCORE_MODE_CALIBRATED: _ScoreMode.ValueType  # 1
+    """Every span scored on its own: sigmoid((start logit + end logit) x calibration_factor), in (0, 1), as Haystack's
+    ExtractiveReader scores them. Scores compare across windows and passages: rank answers of different passages
+    by them, and hold them to a fixed score_threshold.
+    """
+    SCORE_MODE_PIPELINE: _ScoreMode.ValueType  # 2
+    """The Hugging Face pipeline's scores, exactly as Answer gives them for each passage on its own (per-window
+    softmax, same-text answers summed across windows). Each passage's answers are Answer's for that passage, but
+    scores of different passages do not compare: a short passage's answer scores higher only because fewer tokens
+    share its softmax.
+    """
+
+class ScoreMode(_ScoreMode, metaclass=_ScoreModeEnumTypeWrapper):
+    """How Read scores answer spans."""
+
+SCORE_MODE_UNSPECIFIED: ScoreMode.ValueType  # 0
+"""The server's default: SCORE_MODE_CALIBRATED."""
+SCORE_MODE_CALIBRATED: ScoreMode.ValueType  # 1
+"""Every span scored on its own: sigmoid((start logit + end logit) x calibration_factor), in (0, 1), as Haystack's
+ExtractiveReader scores them. Scores compare across windows and passages: rank answers of different passages
+by them, and hold them to a fixed score_threshold.
+"""
+SCORE_MODE_PIPELINE: ScoreMode.ValueType  # 2
+"""The Hugging Face pipeline's scores, exactly as Answer gives them for each passage on its own (per-window
+softmax, same-text answers summed across windows). Each passage's answers are Answer's for that passage, but
+scores of different passages do not compare: a short passage's answer scores higher only because fewer tokens
+share its softmax.
+"""
+Global___ScoreMode: _TypeAlias = ScoreMode  # noqa: Y015
 
 @_typing.final
 class AnswerRequest(_message.Message):
@@ -447,3 +486,269 @@ class AnswerManyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
 Global___AnswerManyResponse: _TypeAlias = AnswerManyResponse  # noqa: Y015
+
+@_typing.final
+class ReadRequest(_message.Message):
+    """A question over several passages, with Answer's decoding parameters and the reader's ranking options. Optional
+    fields take their documented default when unset; a value outside its range is rejected with INVALID_ARGUMENT and
+    a google.rpc.BadRequest field violation naming the field (e.g. "passages[2].text").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUESTION_FIELD_NUMBER: _builtins.int
+    PASSAGES_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    MAX_ANSWER_LEN_FIELD_NUMBER: _builtins.int
+    MAX_SEQ_LEN_FIELD_NUMBER: _builtins.int
+    DOC_STRIDE_FIELD_NUMBER: _builtins.int
+    MAX_QUESTION_LEN_FIELD_NUMBER: _builtins.int
+    ALIGN_TO_WORDS_FIELD_NUMBER: _builtins.int
+    SCORE_MODE_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FACTOR_FIELD_NUMBER: _builtins.int
+    SCORE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    NO_ANSWER_FIELD_NUMBER: _builtins.int
+    OVERLAP_THRESHOLD_FIELD_NUMBER: _builtins.int
+    question: _builtins.str
+    """The question. Required, must contain a non-whitespace character. Leading whitespace is ignored."""
+    model: _builtins.str
+    """Name of a model configured on the server; empty selects the server's default model."""
+    top_k: _builtins.int
+    """Number of answers to return across all passages, best first. 1..20, default 1."""
+    max_answer_len: _builtins.int
+    """Longest answer considered, in tokens. >= 1, default 15."""
+    max_seq_len: _builtins.int
+    """Tokens per window (question + passage + special tokens). 16..the model's maximum, default min(384, model max)."""
+    doc_stride: _builtins.int
+    """Overlap between consecutive windows of a long passage, in tokens; as in AnswerRequest."""
+    max_question_len: _builtins.int
+    """Longest question accepted, in tokens. >= 1, default 64."""
+    align_to_words: _builtins.bool
+    """When true (the default), answers widen to whole words of their passage."""
+    score_mode: Global___ScoreMode.ValueType
+    """How spans are scored; SCORE_MODE_UNSPECIFIED means SCORE_MODE_CALIBRATED."""
+    calibration_factor: _builtins.float
+    """SCORE_MODE_CALIBRATED only: the factor the summed start and end logits are multiplied by before the sigmoid.
+    > 0, default 0.1 (Haystack's). Lower spreads scores towards 0.5; it never changes their order.
+    """
+    score_threshold: _builtins.float
+    """Answers scoring below this are left out (no_answer_score is still given). Default: none. Calibrated scores
+    lie in (0, 1); pipeline scores in [0, windows of the passage].
+    """
+    no_answer: _builtins.bool
+    """When true, the response carries no_answer_score. Default false."""
+    overlap_threshold: _builtins.float
+    """An answer sharing more than this fraction of its characters, or of a better answer's, with a better answer
+    of the same passage is dropped (Haystack's deduplicate_by_overlap: "the river" drops "the river in Maine"
+    at 0.01). 0..1; 1 keeps every answer. Default 0.01 in SCORE_MODE_CALIBRATED, 1 in SCORE_MODE_PIPELINE (as
+    Answer). The same span found in two overlapping windows is always one answer.
+    """
+    @_builtins.property
+    def passages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Passage]:
+        """The passages to read, in the order answers refer to them by passage_index. 1..the server's --max-passages
+        (100 by default); together at most the server's --max-context-chars code points (100,000 by default). Each
+        must contain a visible character: an empty passage among good ones is rejected (field "passages[i].text"),
+        not skipped, so that a caller's indices never shift.
+        """
+
+    def __init__(
+        self,
+        *,
+        question: _builtins.str = ...,
+        passages: _abc.Iterable[Global___Passage] | None = ...,
+        model: _builtins.str = ...,
+        top_k: _builtins.int | None = ...,
+        max_answer_len: _builtins.int | None = ...,
+        max_seq_len: _builtins.int | None = ...,
+        doc_stride: _builtins.int | None = ...,
+        max_question_len: _builtins.int | None = ...,
+        align_to_words: _builtins.bool | None = ...,
+        score_mode: Global___ScoreMode.ValueType = ...,
+        calibration_factor: _builtins.float | None = ...,
+        score_threshold: _builtins.float | None = ...,
+        no_answer: _builtins.bool = ...,
+        overlap_threshold: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_align_to_words", b"_align_to_words", "_calibration_factor", b"_calibration_factor", "_doc_stride", b"_doc_stride", "_max_answer_len", b"_max_answer_len", "_max_question_len", b"_max_question_len", "_max_seq_len", b"_max_seq_len", "_overlap_threshold", b"_overlap_threshold", "_score_threshold", b"_score_threshold", "_top_k", b"_top_k", "align_to_words", b"align_to_words", "calibration_factor", b"calibration_factor", "doc_stride", b"doc_stride", "max_answer_len", b"max_answer_len", "max_question_len", b"max_question_len", "max_seq_len", b"max_seq_len", "overlap_threshold", b"overlap_threshold", "score_threshold", b"score_threshold", "top_k", b"top_k"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_align_to_words", b"_align_to_words", "_calibration_factor", b"_calibration_factor", "_doc_stride", b"_doc_stride", "_max_answer_len", b"_max_answer_len", "_max_question_len", b"_max_question_len", "_max_seq_len", b"_max_seq_len", "_overlap_threshold", b"_overlap_threshold", "_score_threshold", b"_score_threshold", "_top_k", b"_top_k", "align_to_words", b"align_to_words", "calibration_factor", b"calibration_factor", "doc_stride", b"doc_stride", "max_answer_len", b"max_answer_len", "max_question_len", b"max_question_len", "max_seq_len", b"max_seq_len", "model", b"model", "no_answer", b"no_answer", "overlap_threshold", b"overlap_threshold", "passages", b"passages", "question", b"question", "score_mode", b"score_mode", "score_threshold", b"score_threshold", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__align_to_words: _TypeAlias = _typing.Literal["align_to_words"]  # noqa: Y015
+    _WhichOneofArgType__align_to_words: _TypeAlias = _typing.Literal["_align_to_words", b"_align_to_words"]  # noqa: Y015
+    _WhichOneofReturnType__calibration_factor: _TypeAlias = _typing.Literal["calibration_factor"]  # noqa: Y015
+    _WhichOneofArgType__calibration_factor: _TypeAlias = _typing.Literal["_calibration_factor", b"_calibration_factor"]  # noqa: Y015
+    _WhichOneofReturnType__doc_stride: _TypeAlias = _typing.Literal["doc_stride"]  # noqa: Y015
+    _WhichOneofArgType__doc_stride: _TypeAlias = _typing.Literal["_doc_stride", b"_doc_stride"]  # noqa: Y015
+    _WhichOneofReturnType__max_answer_len: _TypeAlias = _typing.Literal["max_answer_len"]  # noqa: Y015
+    _WhichOneofArgType__max_answer_len: _TypeAlias = _typing.Literal["_max_answer_len", b"_max_answer_len"]  # noqa: Y015
+    _WhichOneofReturnType__max_question_len: _TypeAlias = _typing.Literal["max_question_len"]  # noqa: Y015
+    _WhichOneofArgType__max_question_len: _TypeAlias = _typing.Literal["_max_question_len", b"_max_question_len"]  # noqa: Y015
+    _WhichOneofReturnType__max_seq_len: _TypeAlias = _typing.Literal["max_seq_len"]  # noqa: Y015
+    _WhichOneofArgType__max_seq_len: _TypeAlias = _typing.Literal["_max_seq_len", b"_max_seq_len"]  # noqa: Y015
+    _WhichOneofReturnType__overlap_threshold: _TypeAlias = _typing.Literal["overlap_threshold"]  # noqa: Y015
+    _WhichOneofArgType__overlap_threshold: _TypeAlias = _typing.Literal["_overlap_threshold", b"_overlap_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__score_threshold: _TypeAlias = _typing.Literal["score_threshold"]  # noqa: Y015
+    _WhichOneofArgType__score_threshold: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
+    _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__align_to_words) -> _WhichOneofReturnType__align_to_words | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__calibration_factor) -> _WhichOneofReturnType__calibration_factor | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__doc_stride) -> _WhichOneofReturnType__doc_stride | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_answer_len) -> _WhichOneofReturnType__max_answer_len | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_question_len) -> _WhichOneofReturnType__max_question_len | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_seq_len) -> _WhichOneofReturnType__max_seq_len | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__overlap_threshold) -> _WhichOneofReturnType__overlap_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score_threshold) -> _WhichOneofReturnType__score_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_k) -> _WhichOneofReturnType__top_k | None: ...
+
+Global___ReadRequest: _TypeAlias = ReadRequest  # noqa: Y015
+
+@_typing.final
+class Passage(_message.Message):
+    """One passage of a ReadRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The passage's text. Required, must contain a visible character."""
+    id: _builtins.str
+    """The caller's identifier of the passage (a document id, say), echoed in its answers. Optional; not
+    interpreted by the server.
+    """
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Passage: _TypeAlias = Passage  # noqa: Y015
+
+@_typing.final
+class ReadResponse(_message.Message):
+    """The answers to one ReadRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    NO_ANSWER_SCORE_FIELD_NUMBER: _builtins.int
+    SCORE_MODE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TIMING_FIELD_NUMBER: _builtins.int
+    WINDOWS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    no_answer_score: _builtins.float
+    """Set when the request asked for no_answer. SCORE_MODE_CALIBRATED: the probability that none of the top_k
+    answers (before score_threshold) is right, the product of (1 - score) over them, as Haystack computes it.
+    SCORE_MODE_PIPELINE: the lowest no-answer (CLS) probability over every window of every passage, as Answer's
+    impossible answer scores one passage.
+    """
+    score_mode: Global___ScoreMode.ValueType
+    """The score mode the answers were scored in (never SCORE_MODE_UNSPECIFIED)."""
+    windows: _builtins.int
+    """Number of windows the passages were split into, all together."""
+    request_id: _builtins.str
+    """The request's id, as in AnswerResponse.request_id."""
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PassageAnswer]:
+        """The best answers across all passages, highest score first; 0..top_k entries (none when every candidate
+        falls below score_threshold).
+        """
+
+    @_builtins.property
+    def model(self) -> Global___ModelRef:
+        """The model that answered."""
+
+    @_builtins.property
+    def timing(self) -> Global___ServerTiming:
+        """Where the time went on the server, for the whole request."""
+
+    def __init__(
+        self,
+        *,
+        answers: _abc.Iterable[Global___PassageAnswer] | None = ...,
+        no_answer_score: _builtins.float | None = ...,
+        score_mode: Global___ScoreMode.ValueType = ...,
+        model: Global___ModelRef | None = ...,
+        timing: Global___ServerTiming | None = ...,
+        windows: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_no_answer_score", b"_no_answer_score", "model", b"model", "no_answer_score", b"no_answer_score", "timing", b"timing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_no_answer_score", b"_no_answer_score", "answers", b"answers", "model", b"model", "no_answer_score", b"no_answer_score", "request_id", b"request_id", "score_mode", b"score_mode", "timing", b"timing", "windows", b"windows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__no_answer_score: _TypeAlias = _typing.Literal["no_answer_score"]  # noqa: Y015
+    _WhichOneofArgType__no_answer_score: _TypeAlias = _typing.Literal["_no_answer_score", b"_no_answer_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__no_answer_score) -> _WhichOneofReturnType__no_answer_score | None: ...
+
+Global___ReadResponse: _TypeAlias = ReadResponse  # noqa: Y015
+
+@_typing.final
+class PassageAnswer(_message.Message):
+    """One answer of a ReadResponse, found in one passage. Offsets are into that passage's text, as Answer's are into
+    the context.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWER_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    PASSAGE_INDEX_FIELD_NUMBER: _builtins.int
+    PASSAGE_ID_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    BYTE_START_FIELD_NUMBER: _builtins.int
+    BYTE_END_FIELD_NUMBER: _builtins.int
+    answer: _builtins.str
+    """The answer text: passages[passage_index].text[start:end] in code points."""
+    score: _builtins.float
+    """The span's score in the response's score_mode; higher is better."""
+    passage_index: _builtins.int
+    """Index (0-based) of the passage in ReadRequest.passages."""
+    passage_id: _builtins.str
+    """That passage's id, as the request gave it."""
+    start: _builtins.int
+    """Code point offset of the first character of the answer in its passage."""
+    end: _builtins.int
+    """Code point offset just past the last character of the answer."""
+    byte_start: _builtins.int
+    """UTF-8 byte offset of the first byte of the answer in its passage."""
+    byte_end: _builtins.int
+    """UTF-8 byte offset just past the last byte of the answer."""
+    def __init__(
+        self,
+        *,
+        answer: _builtins.str = ...,
+        score: _builtins.float = ...,
+        passage_index: _builtins.int = ...,
+        passage_id: _builtins.str = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        byte_start: _builtins.int = ...,
+        byte_end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "byte_end", b"byte_end", "byte_start", b"byte_start", "end", b"end", "passage_id", b"passage_id", "passage_index", b"passage_index", "score", b"score", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PassageAnswer: _TypeAlias = PassageAnswer  # noqa: Y015

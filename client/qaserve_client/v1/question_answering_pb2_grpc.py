@@ -58,6 +58,11 @@ class QuestionAnsweringServiceStub:
                 request_serializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerManyRequest.SerializeToString,
                 response_deserializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerManyResponse.FromString,
                 _registered_method=True)
+        self.Read = channel.unary_unary(
+                '/qaserve.v1.QuestionAnsweringService/Read',
+                request_serializer=qaserve_dot_v1_dot_question__answering__pb2.ReadRequest.SerializeToString,
+                response_deserializer=qaserve_dot_v1_dot_question__answering__pb2.ReadResponse.FromString,
+                _registered_method=True)
 
 
 class QuestionAnsweringServiceServicer:
@@ -99,6 +104,15 @@ class QuestionAnsweringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Read(self, request, context):
+        """Reads several passages for one question, as the reader of a retrieval pipeline: the top_k answers across all
+        of them, each naming its passage. Every window of every passage rides the same batcher, admission and
+        deadline as one request; cancelling the call drops the windows not yet scored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuestionAnsweringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +130,11 @@ def add_QuestionAnsweringServiceServicer_to_server(servicer, server):
                     servicer.AnswerMany,
                     request_deserializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerManyRequest.FromString,
                     response_serializer=qaserve_dot_v1_dot_question__answering__pb2.AnswerManyResponse.SerializeToString,
+            ),
+            'Read': grpc.unary_unary_rpc_method_handler(
+                    servicer.Read,
+                    request_deserializer=qaserve_dot_v1_dot_question__answering__pb2.ReadRequest.FromString,
+                    response_serializer=qaserve_dot_v1_dot_question__answering__pb2.ReadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -208,6 +227,33 @@ class QuestionAnsweringService:
             '/qaserve.v1.QuestionAnsweringService/AnswerMany',
             qaserve_dot_v1_dot_question__answering__pb2.AnswerManyRequest.SerializeToString,
             qaserve_dot_v1_dot_question__answering__pb2.AnswerManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Read(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qaserve.v1.QuestionAnsweringService/Read',
+            qaserve_dot_v1_dot_question__answering__pb2.ReadRequest.SerializeToString,
+            qaserve_dot_v1_dot_question__answering__pb2.ReadResponse.FromString,
             options,
             channel_credentials,
             insecure,

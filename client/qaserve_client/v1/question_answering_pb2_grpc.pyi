@@ -56,6 +56,11 @@ class QuestionAnsweringServiceStub:
     progress: the server reads no further requests until responses have been taken, so a client that stops
     reading stops the stream. Closing the request side ends the stream after the last response.
     """
+    Read: _grpc.UnaryUnaryMultiCallable[_question_answering_pb2.ReadRequest, _question_answering_pb2.ReadResponse]
+    """Reads several passages for one question, as the reader of a retrieval pipeline: the top_k answers across all
+    of them, each naming its passage. Every window of every passage rides the same batcher, admission and
+    deadline as one request; cancelling the call drops the windows not yet scored.
+    """
 
 @_typing.type_check_only
 class QuestionAnsweringServiceAsyncStub(QuestionAnsweringServiceStub):
@@ -84,6 +89,11 @@ class QuestionAnsweringServiceAsyncStub(QuestionAnsweringServiceStub):
     response and the stream goes on. At most the server's --stream-max-in-flight items of one stream are in
     progress: the server reads no further requests until responses have been taken, so a client that stops
     reading stops the stream. Closing the request side ends the stream after the last response.
+    """
+    Read: _aio.UnaryUnaryMultiCallable[_question_answering_pb2.ReadRequest, _question_answering_pb2.ReadResponse]  # type: ignore[assignment]
+    """Reads several passages for one question, as the reader of a retrieval pipeline: the top_k answers across all
+    of them, each naming its passage. Every window of every passage rides the same batcher, admission and
+    deadline as one request; cancelling the call drops the windows not yet scored.
     """
 
 class QuestionAnsweringServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -128,6 +138,17 @@ class QuestionAnsweringServiceServicer(metaclass=_abc_1.ABCMeta):
         response and the stream goes on. At most the server's --stream-max-in-flight items of one stream are in
         progress: the server reads no further requests until responses have been taken, so a client that stops
         reading stops the stream. Closing the request side ends the stream after the last response.
+        """
+
+    @_abc_1.abstractmethod
+    def Read(
+        self,
+        request: _question_answering_pb2.ReadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_question_answering_pb2.ReadResponse, _abc.Awaitable[_question_answering_pb2.ReadResponse]]:
+        """Reads several passages for one question, as the reader of a retrieval pipeline: the top_k answers across all
+        of them, each naming its passage. Every window of every passage rides the same batcher, admission and
+        deadline as one request; cancelling the call drops the windows not yet scored.
         """
 
 def add_QuestionAnsweringServiceServicer_to_server(servicer: QuestionAnsweringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -36,6 +36,12 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
             scope.timing = result.timing
             return converters.answer_response(result, scope.request_id)
 
+    async def Read(self, request: pb.ReadRequest, context: grpc.aio.ServicerContext) -> pb.ReadResponse:
+        async with self._scope("Read", context, request.model) as scope:
+            result = await self.engine.read(converters.read_request(request), deadline=scope.deadline())
+            scope.timing = result.timing
+            return converters.read_response(result, scope.request_id)
+
     async def AnswerProgressive(
         self, request: pb.AnswerProgressiveRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnswerProgressiveResponse]:

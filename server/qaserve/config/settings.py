@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     max_models: int = Field(4, ge=1, description="most models loaded at once; least recently used unpinned ones go")
     max_model_bytes: int = Field(0, ge=0, description="most parameter bytes of loaded models per device (0 = no limit)")
     max_context_chars: int = Field(100_000, ge=1, description="longest context accepted, in characters")
+    max_passages: int = Field(100, ge=1, description="most passages in one Read request")
     max_in_flight: int = Field(
         1024, ge=1, description="requests admitted at once; more get RESOURCE_EXHAUSTED with a retry delay"
     )

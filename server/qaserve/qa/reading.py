@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 
 from qaserve.qa.decoding import Logits, answer_at, calibrated_spans, merge_candidates, score_windows
-from qaserve.qa.types import PassageAnswer, QAParams, ReadParams, ReadRequest, ScoreMode
+from qaserve.qa.types import PassageAnswer, QAParams, ReadRequest, ScoreMode
 from qaserve.qa.windowing import Windows
 
 # Spans each window offers in calibrated mode (Haystack ExtractiveReader's answers_per_seq); more when top_k

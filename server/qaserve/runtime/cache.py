@@ -8,7 +8,7 @@ from collections import OrderedDict
 from typing import NamedTuple
 
 from qaserve.metrics import Metrics
-from qaserve.qa import Answer, QAParams
+from qaserve.qa import Answer, Passage, QAParams, ReadParams
 
 # Bytes an entry holds besides its strings: the key tuple, the context digest, the resolved QAParams, the
 # OrderedDict slot and the value tuples; per answer besides its text: the Answer object, a float and four ints.
@@ -20,7 +20,8 @@ ANSWER_OVERHEAD = 320
 class CacheKey(NamedTuple):
     """What decides an answer: the model and its weights, the resolved decoding parameters and the input.
 
-    The context is held only as a digest, so an entry's size does not grow with its context.
+    The context (a read request's passages, with their ids) is held only as a digest, so an entry's size does not
+    grow with it. `read` is set for a read request only, so the two kinds never share an entry.
     """
 
     model: str
@@ -28,17 +29,32 @@ class CacheKey(NamedTuple):
     params: QAParams
     question: str
     context_digest: bytes
+    read: ReadParams | None = None
 
 
 class CachedAnswers(NamedTuple):
     answers: tuple[Answer, ...]
     windows: int
+    no_answer_score: float | None = None
 
 
 def cache_key(model: str, revision: str, params: QAParams, question: str, context: str) -> CacheKey:
     """The key of one request; `params` must be resolved by the model (max_seq_len and doc_stride filled in)."""
     digest = hashlib.blake2b(context.encode("utf-8", "surrogatepass"), digest_size=16).digest()
     return CacheKey(model, revision, params, question, digest)
+
+
+def read_cache_key(
+    model: str, revision: str, params: QAParams, read: ReadParams, question: str, passages: tuple[Passage, ...]
+) -> CacheKey:
+    """The key of one read request: every passage's text and id, in order, go into the digest."""
+    digest = hashlib.blake2b(digest_size=16)
+    for passage in passages:
+        for text in (passage.text, passage.id):
+            data = text.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "little"))  # length-prefixed: no two passage lists hash alike
+            digest.update(data)
+    return CacheKey(model, revision, params, question, digest.digest(), read)
 
 
 def entry_bytes(key: CacheKey, answers: tuple[Answer, ...]) -> int:
@@ -88,7 +104,9 @@ class ResponseCache:
         self._metrics.response_cache_hits.labels(key.model).inc()
         return found[0]
 
-    def put(self, key: CacheKey, answers: tuple[Answer, ...], windows: int) -> None:
+    def put(
+        self, key: CacheKey, answers: tuple[Answer, ...], windows: int, no_answer_score: float | None = None
+    ) -> None:
         """Stores answers, evicting the least recently used entries until they fit; an entry larger than the
         whole cache is not stored."""
         if not self.enabled:
@@ -103,6 +121,6 @@ class ResponseCache:
             old_key, (_, old_size) = self._entries.popitem(last=False)
             self._bytes -= old_size
             self._metrics.response_cache_evictions.labels(old_key.model).inc()
-        self._entries[key] = (CachedAnswers(answers, windows), size)
+        self._entries[key] = (CachedAnswers(answers, windows, no_answer_score), size)
         self._bytes += size
         self._metrics.response_cache_bytes.set(self._bytes)

@@ -4,32 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar, cast
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from qaserve.errors import Overloaded
+from qaserve.errors import InvalidArgument, Overloaded
 from qaserve.metrics import Metrics
 from qaserve.qa import (
     Answer,
     ModelRef,
+    PassageAnswer,
     QAParams,
     QAProgress,
     QARequest,
     QAResult,
+    ReadRequest,
+    ReadResult,
     Timing,
     WindowCandidates,
     Windows,
     decode_answers,
     merge_candidates,
+    read_answers,
     score_windows,
 )
 from qaserve.runtime.backends.base import Logits, WindowLogits
-from qaserve.runtime.cache import ResponseCache, cache_key
+from qaserve.runtime.cache import ResponseCache, cache_key, read_cache_key
 from qaserve.runtime.cache_entry import ModelState
 from qaserve.runtime.model import QAModel, model_loader
 from qaserve.runtime.registry import ModelRegistry
@@ -55,6 +60,7 @@ class QAEngine:
         cache: ResponseCache | None = None,
         max_in_flight: int = 1024,
         max_context_chars: int = 100_000,
+        max_passages: int = 100,
         retry_after: float = 0.05,
         record_stages: Callable[[QAResult, tuple[int, ...]], None] | None = None,
     ) -> None:
@@ -63,6 +69,7 @@ class QAEngine:
         self.cache = cache if cache is not None else ResponseCache(0, metrics)
         self.max_in_flight = max_in_flight
         self.max_context_chars = max_context_chars
+        self.max_passages = max_passages
         self._executor = executor
         self._retry_after = retry_after
         self._in_flight = 0
@@ -123,11 +130,8 @@ class QAEngine:
             async with self.registry.use(request.model) as serving:
                 model, batcher = serving.model, serving.batcher
                 params = model.resolve(request.params)
-                # The answers depend on the weights and on how they run: a reload onto another dtype or device
-                # (same weights revision) must not be answered from the old one's entries.
-                variant = f"{model.revision} {model.backend} {model.dtype} {','.join(model.devices)}"
                 key = (
-                    cache_key(model.name, variant, params, request.question, request.context)
+                    cache_key(model.name, _variant(model), params, request.question, request.context)
                     if self.cache.enabled
                     else None
                 )
@@ -175,6 +179,68 @@ class QAEngine:
                         self._record_stages(result, batch_timing.batch_sizes)
         yield result
 
+    async def read(self, request: ReadRequest, deadline: float | None = None) -> ReadResult:
+        """Answers one question over several passages: every window of every passage goes through admission, the
+        batcher and the deadline as one request (cancelling withdraws the windows not yet run)."""
+        started = time.perf_counter()
+        request.validate(self.max_context_chars, self.max_passages)
+        with self._admit(request.model):
+            async with self.registry.use(request.model) as serving:
+                model, batcher = serving.model, serving.batcher
+                params = model.resolve(request.params)
+                key = (
+                    read_cache_key(
+                        model.name, _variant(model), params, request.read, request.question, request.passages
+                    )
+                    if self.cache.enabled
+                    else None
+                )
+                hit = self.cache.get(key) if key is not None else None
+                if hit is not None:
+                    timing = Timing(total=time.perf_counter() - started, cached=True)
+                    return ReadResult(
+                        cast(tuple[PassageAnswer, ...], hit.answers),  # what read() stored under a read key
+                        hit.no_answer_score,
+                        request.read.score_mode,
+                        _model_ref(model),
+                        timing,
+                        hit.windows,
+                    )
+                with batcher.incoming():
+                    t0 = time.perf_counter()
+                    windows = await self._run(_split_passages, model, request, params)
+                    tokenize = time.perf_counter() - t0
+                self.metrics.tokenize_duration.labels(model.name).observe(tokenize)
+                self.metrics.request_context_chars.labels(model.name).observe(
+                    sum(len(p.text) for p in request.passages)
+                )
+                inputs = [window for passage in windows for window in QAModel.inputs(passage)]
+                self.metrics.request_windows.labels(model.name).observe(len(inputs))
+
+                logits: dict[int, WindowLogits] = {}
+                async with batcher.run(inputs, [len(w.input_ids) for w in inputs], deadline) as results:
+                    async for finished in results:
+                        logits.update(finished)
+                batch_timing = results.timing
+                self.metrics.queue_duration.labels(model.name).observe(batch_timing.queue)
+
+                t0 = time.perf_counter()
+                ordered = iter([logits[i] for i in range(len(inputs))])
+                outputs = [list(itertools.islice(ordered, len(passage))) for passage in windows]
+                answers, no_answer = await self._run(_read, request, windows, outputs, params)
+                decode = time.perf_counter() - t0
+                self.metrics.decode_duration.labels(model.name).observe(decode)
+                if key is not None:
+                    self.cache.put(key, answers, len(inputs), no_answer)
+                timing = Timing(
+                    total=time.perf_counter() - started,
+                    tokenize=tokenize,
+                    queue=batch_timing.queue,
+                    forward=batch_timing.forward,
+                    decode=decode,
+                )
+                return ReadResult(answers, no_answer, request.read.score_mode, _model_ref(model), timing, len(inputs))
+
     async def _progress(
         self,
         context: str,
@@ -211,6 +277,7 @@ def build_engine(
     metrics: Metrics | None = None,
     max_in_flight: int = 1024,
     max_context_chars: int = 100_000,
+    max_passages: int = 100,
     on_state: Callable[[str, ModelState], None] | None = None,
     cache_bytes: int = 0,
     intra_op_threads: int = 0,
@@ -241,8 +308,34 @@ def build_engine(
         cache=ResponseCache(cache_bytes, metrics),
         max_in_flight=max_in_flight,
         max_context_chars=max_context_chars,
+        max_passages=max_passages,
         record_stages=record_stages,
     )
+
+
+def _variant(model: QAModel) -> str:
+    """How the weights run: a reload onto another dtype or device (same weights revision) must not be answered
+    from the old one's cache entries."""
+    return f"{model.revision} {model.backend} {model.dtype} {','.join(model.devices)}"
+
+
+def _split_passages(model: QAModel, request: ReadRequest, params: QAParams) -> list[Windows]:
+    """Each passage's windows; a passage the tokenizer finds no text in is named by its index."""
+    windows = []
+    for index, passage in enumerate(request.passages):
+        try:
+            windows.append(model.split(request.question, passage.text, params))
+        except InvalidArgument as error:
+            if error.field != "context":
+                raise
+            raise InvalidArgument(f"passages[{index}].text", error.description) from None
+    return windows
+
+
+def _read(
+    request: ReadRequest, windows: list[Windows], outputs: list[list[WindowLogits]], params: QAParams
+) -> tuple[tuple[PassageAnswer, ...], float | None]:
+    return read_answers(request, windows, [_stack(passage) for passage in outputs], params)
 
 
 def _stack(outputs: list[WindowLogits]) -> tuple[Logits, Logits]:

@@ -29,6 +29,10 @@ type QuestionAnsweringServiceClient interface {
 	// progress: the server reads no further requests until responses have been taken, so a client that stops
 	// reading stops the stream. Closing the request side ends the stream after the last response.
 	AnswerMany(ctx context.Context, opts ...grpc.CallOption) (QuestionAnsweringService_AnswerManyClient, error)
+	// Reads several passages for one question, as the reader of a retrieval pipeline: the top_k answers across all
+	// of them, each naming its passage. Every window of every passage rides the same batcher, admission and
+	// deadline as one request; cancelling the call drops the windows not yet scored.
+	Read(ctx context.Context, in *ReadRequest, opts ...grpc.CallOption) (*ReadResponse, error)
 }
 
 type questionAnsweringServiceClient struct {
@@ -111,6 +115,15 @@ func (x *questionAnsweringServiceAnswerManyClient) Recv() (*AnswerManyResponse, 
 	return m, nil
 }
 
+func (c *questionAnsweringServiceClient) Read(ctx context.Context, in *ReadRequest, opts ...grpc.CallOption) (*ReadResponse, error) {
+	out := new(ReadResponse)
+	err := c.cc.Invoke(ctx, "/qaserve.v1.QuestionAnsweringService/Read", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // QuestionAnsweringServiceServer is the server API for QuestionAnsweringService service.
 // All implementations must embed UnimplementedQuestionAnsweringServiceServer
 // for forward compatibility
@@ -127,6 +140,10 @@ type QuestionAnsweringServiceServer interface {
 	// progress: the server reads no further requests until responses have been taken, so a client that stops
 	// reading stops the stream. Closing the request side ends the stream after the last response.
 	AnswerMany(QuestionAnsweringService_AnswerManyServer) error
+	// Reads several passages for one question, as the reader of a retrieval pipeline: the top_k answers across all
+	// of them, each naming its passage. Every window of every passage rides the same batcher, admission and
+	// deadline as one request; cancelling the call drops the windows not yet scored.
+	Read(context.Context, *ReadRequest) (*ReadResponse, error)
 	mustEmbedUnimplementedQuestionAnsweringServiceServer()
 }
 
@@ -142,6 +159,9 @@ func (UnimplementedQuestionAnsweringServiceServer) AnswerProgressive(*AnswerProg
 }
 func (UnimplementedQuestionAnsweringServiceServer) AnswerMany(QuestionAnsweringService_AnswerManyServer) error {
 	return status.Errorf(codes.Unimplemented, "method AnswerMany not implemented")
+}
+func (UnimplementedQuestionAnsweringServiceServer) Read(context.Context, *ReadRequest) (*ReadResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Read not implemented")
 }
 func (UnimplementedQuestionAnsweringServiceServer) mustEmbedUnimplementedQuestionAnsweringServiceServer() {
 }
@@ -222,6 +242,24 @@ func (x *questionAnsweringServiceAnswerManyServer) Recv() (*AnswerManyRequest, e
 	return m, nil
 }
 
+func _QuestionAnsweringService_Read_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(QuestionAnsweringServiceServer).Read(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/qaserve.v1.QuestionAnsweringService/Read",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(QuestionAnsweringServiceServer).Read(ctx, req.(*ReadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _QuestionAnsweringService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "qaserve.v1.QuestionAnsweringService",
 	HandlerType: (*QuestionAnsweringServiceServer)(nil),
@@ -229,6 +267,10 @@ var _QuestionAnsweringService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Answer",
 			Handler:    _QuestionAnsweringService_Answer_Handler,
+		},
+		{
+			MethodName: "Read",
+			Handler:    _QuestionAnsweringService_Read_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
