@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
-from qaserve.qa import QAResult
+from qaserve.qa import QAResult, ReadResult
 
 if TYPE_CHECKING:
     import grpc
@@ -52,7 +52,7 @@ class Tracing:
         )
         return interceptor
 
-    def record_stages(self, result: QAResult, batch_sizes: Sequence[int]) -> None:
+    def record_stages(self, result: QAResult | ReadResult, batch_sizes: Sequence[int]) -> None:
         """Child spans of the current (RPC) span for the stages of a request that just finished decoding.
 
         The engine measures each stage; the spans are laid end to end back from now with those durations (the

@@ -324,6 +324,7 @@ async def test_every_rpc_shape_needs_the_token_but_reflection(token_channel: grp
     calls = {
         "AnswerProgressive": lambda: _drain(stub.AnswerProgressive(pb.AnswerProgressiveRequest(request=request))),
         "AnswerMany": lambda: _drain(stub.AnswerMany(iter([pb.AnswerManyRequest(id="1", request=request)]))),
+        "Read": lambda: stub.Read(pb.ReadRequest(question=SEED_QUESTION, passages=[pb.Passage(text=SEED_CONTEXT)])),
         "ListModels": lambda: model_service_pb2_grpc.ModelServiceStub(token_channel).ListModels(
             model_service_pb2.ListModelsRequest(), timeout=5
         ),

@@ -34,6 +34,7 @@ from qaserve.qa import (
     score_windows,
 )
 from qaserve.runtime.backends.base import Logits, WindowLogits
+from qaserve.runtime.batcher import BatchTiming
 from qaserve.runtime.cache import ResponseCache, cache_key, read_cache_key
 from qaserve.runtime.cache_entry import ModelState
 from qaserve.runtime.model import QAModel, model_loader
@@ -62,7 +63,7 @@ class QAEngine:
         max_context_chars: int = 100_000,
         max_passages: int = 100,
         retry_after: float = 0.05,
-        record_stages: Callable[[QAResult, tuple[int, ...]], None] | None = None,
+        record_stages: Callable[[QAResult | ReadResult, tuple[int, ...]], None] | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
@@ -165,13 +166,7 @@ class QAEngine:
                     decode = time.perf_counter() - t0
                     self.metrics.decode_duration.labels(model.name).observe(decode)
 
-                    timing = Timing(
-                        total=time.perf_counter() - started,
-                        tokenize=tokenize,
-                        queue=batch_timing.queue,
-                        forward=batch_timing.forward,
-                        decode=decode,
-                    )
+                    timing = _timing(started, tokenize, batch_timing, decode)
                     result = QAResult(tuple(answers), _model_ref(model), timing, len(windows))
                     if key is not None:
                         self.cache.put(key, result.answers, result.windows)
@@ -232,14 +227,11 @@ class QAEngine:
                 self.metrics.decode_duration.labels(model.name).observe(decode)
                 if key is not None:
                     self.cache.put(key, answers, len(inputs), no_answer)
-                timing = Timing(
-                    total=time.perf_counter() - started,
-                    tokenize=tokenize,
-                    queue=batch_timing.queue,
-                    forward=batch_timing.forward,
-                    decode=decode,
-                )
-                return ReadResult(answers, no_answer, request.read.score_mode, _model_ref(model), timing, len(inputs))
+                timing = _timing(started, tokenize, batch_timing, decode)
+                read = ReadResult(answers, no_answer, request.read.score_mode, _model_ref(model), timing, len(inputs))
+                if self._record_stages is not None:
+                    self._record_stages(read, batch_timing.batch_sizes)
+                return read
 
     async def _progress(
         self,
@@ -282,7 +274,7 @@ def build_engine(
     cache_bytes: int = 0,
     intra_op_threads: int = 0,
     tokenize_threads: int = 2,
-    record_stages: Callable[[QAResult, tuple[int, ...]], None] | None = None,
+    record_stages: Callable[[QAResult | ReadResult, tuple[int, ...]], None] | None = None,
 ) -> QAEngine:
     """The request engine over the configured models: their registry (model cache, batchers) and admission.
 
@@ -310,6 +302,17 @@ def build_engine(
         max_context_chars=max_context_chars,
         max_passages=max_passages,
         record_stages=record_stages,
+    )
+
+
+def _timing(started: float, tokenize: float, batch: BatchTiming, decode: float) -> Timing:
+    """A request's stage timings, its total up to now."""
+    return Timing(
+        total=time.perf_counter() - started,
+        tokenize=tokenize,
+        queue=batch.queue,
+        forward=batch.forward,
+        decode=decode,
     )
 
 
