@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from qaserve.errors import InvalidArgument
 from qaserve.metrics import Metrics
 from qaserve.qa import Passage, QAParams, QARequest, ReadParams, ReadRequest, ScoreMode
-from qaserve.runtime import BatchLimits, ModelRegistry, QAEngine, ResponseCache
+from qaserve.runtime import ModelRegistry, QAEngine, ResponseCache
 from qaserve.runtime.spec import ModelSpec
 
 PATIENCE = 5.0
@@ -37,8 +37,8 @@ def executor() -> Iterator[ThreadPoolExecutor]:
 @contextlib.asynccontextmanager
 async def tiny_engine(model_dir: Path, executor: ThreadPoolExecutor, max_windows: int) -> AsyncIterator[QAEngine]:
     metrics = Metrics(CollectorRegistry())
-    limits = BatchLimits(max_windows=max_windows)
-    models = ModelRegistry([ModelSpec("tiny", str(model_dir), device="cpu")], "tiny", limits, metrics)
+    spec = ModelSpec("tiny", str(model_dir), device="cpu", max_batch_windows=max_windows)
+    models = ModelRegistry([spec], "tiny", metrics)
     await models.preload()
     yield QAEngine(models, executor=executor, metrics=metrics, cache=ResponseCache(1 << 20, metrics), max_passages=8)
     await models.close()
