@@ -1,12 +1,16 @@
 # syntax=docker/dockerfile:1
-# The qaserve image: `make docker` (CPU: ONNX Runtime, no torch) or `make docker DEVICE=cuda` (the server's [torch]
-# extra on CUDA torch; run with --gpus all). A build stage installs the pinned dependencies into a virtual
-# environment; the final stage holds that environment, the embedded model (with its int8 model.onnx) and nothing to
-# build with, and runs as an unprivileged user.
+# The qaserve image, built from an image context that `make docker` (or `make release`, for both devices) writes:
+# this file, the two wheels of VERSION, constraints.txt (every dependency's exact version) and the embedded model.
+# DEVICE=cpu: ONNX Runtime, no torch; DEVICE=cuda: the server's [torch] extra on CUDA torch (run with --gpus all).
+# A build stage installs the wheels and their pinned dependencies into a virtual environment; the final stage holds
+# that environment and the embedded model (with its int8 model.onnx), nothing to build with, as an unprivileged user.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# cpu or cuda: picks the base stage below, and whether torch is installed at all.
+# cpu or cuda: picks the base stage below, and whether torch is installed at all. The image context sets the
+# defaults of DEVICE, VERSION and REVISION (make docker, make release), so a bare `docker build CONTEXT` builds it.
 ARG DEVICE=cpu
+ARG VERSION=unknown
+ARG REVISION=unknown
 
 FROM ${PYTHON_IMAGE} AS base-cpu
 
@@ -20,6 +24,7 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 # hadolint ignore=DL3006
 FROM base-${DEVICE} AS build
 ARG DEVICE
+ARG VERSION
 ARG TORCH_VERSION=2.13.0
 # The PyTorch wheel index a CUDA build takes torch from: cu126, cu128, ... (one that offers TORCH_VERSION).
 ARG CUDA_WHEEL=cu128
@@ -29,19 +34,18 @@ ENV PIP_NO_CACHE_DIR=1 \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python -m venv /opt/qaserve/venv
 WORKDIR /src
-# client/VERSION and server/VERSION link to this one file: the distributions' version.
-COPY constraints.txt VERSION ./
-COPY client/ client/
-COPY server/ server/
+COPY constraints.txt ./
+COPY wheels/ wheels/
 # CPU: the server without extras; the embedded model serves on ONNX Runtime (its model.onnx), so no torch.
 # CUDA: torch alone from the PyTorch index's CUDA wheels, then the server's [torch] extra; pip installs torch's
 # own dependencies (the CUDA runtime libraries) from PyPI. Everything else at the versions constraints.txt pins.
-RUN if [ "${DEVICE}" = "cuda" ]; then \
+RUN client="wheels/qaserve_client-${VERSION}-py3-none-any.whl" server="wheels/qaserve-${VERSION}-py3-none-any.whl" \
+    && if [ "${DEVICE}" = "cuda" ]; then \
         /opt/qaserve/venv/bin/pip install --no-deps --index-url "https://download.pytorch.org/whl/${CUDA_WHEEL}" \
             "torch==${TORCH_VERSION}" \
-        && /opt/qaserve/venv/bin/pip install --constraint constraints.txt ./client "./server[torch]"; \
+        && /opt/qaserve/venv/bin/pip install --constraint constraints.txt "${client}" "${server}[torch]"; \
     else \
-        /opt/qaserve/venv/bin/pip install --constraint constraints.txt ./client ./server; \
+        /opt/qaserve/venv/bin/pip install --constraint constraints.txt "${client}" "${server}"; \
     fi \
     && /opt/qaserve/venv/bin/pip uninstall --yes pip \
     && find /opt/qaserve/venv -name __pycache__ -type d -prune -exec rm -rf {} +
@@ -49,13 +53,13 @@ RUN if [ "${DEVICE}" = "cuda" ]; then \
 # base-cpu or base-cuda, stages above (tagged there), which hadolint cannot resolve.
 # hadolint ignore=DL3006
 FROM base-${DEVICE} AS runtime
-# make docker passes the VERSION file's version and the git commit.
-ARG VERSION=unknown
-ARG REVISION=unknown
+ARG VERSION
+ARG REVISION
 LABEL org.opencontainers.image.title="qaserve" \
       org.opencontainers.image.description="gRPC server for extractive question answering" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="https://github.com/qaserve/qaserve" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 qaserve \
     && useradd --system --uid 10001 --gid qaserve --home-dir /nonexistent --no-create-home \

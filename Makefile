@@ -8,7 +8,8 @@ PROTO_PKG := client/qaserve_client/v1
 GO_PKG := client/go/qaserve/v1
 ARGS ?=
 
-.PHONY: install prometheus node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker deploy-check bench accuracy \
+.PHONY: install prometheus node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker \
+	wheels image-context release deploy-check bench accuracy \
 	parity reliability clean
 
 install: $(STAMP)
@@ -137,9 +138,36 @@ REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 DEVICE ?= cpu
 CUDA_WHEEL ?= cu128
 IMAGE ?= qaserve:$(VERSION)$(if $(filter cuda,$(DEVICE)),-cuda)
-docker:
-	docker build --build-arg DEVICE=$(DEVICE) --build-arg CUDA_WHEEL=$(CUDA_WHEEL) --build-arg VERSION=$(VERSION) \
-		--build-arg REVISION=$(REVISION) -t $(IMAGE) .
+DIST ?= dist
+CONTEXT = build/image-$(DEVICE)
+WHEELS = $(DIST)/qaserve_client-$(VERSION)-py3-none-any.whl $(DIST)/qaserve-$(VERSION)-py3-none-any.whl
+
+docker: image-context
+	docker build --build-arg CUDA_WHEEL=$(CUDA_WHEEL) -t $(IMAGE) $(CONTEXT)
+
+# Both distributions' wheels, of VERSION, in DIST.
+wheels: $(STAMP)
+	mkdir -p $(DIST) && rm -f $(DIST)/*.whl
+	$(BIN)/pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w $(DIST) ./client ./server
+
+# build/image-DEVICE: what the image is built from, alone: the Dockerfile with DEVICE, VERSION and REVISION as its
+# defaults (its OCI labels), the two wheels, constraints.txt (the lock every dependency installs at) and the
+# embedded model.
+image-context: wheels
+	rm -rf $(CONTEXT) && mkdir -p $(CONTEXT)/wheels
+	cp $(WHEELS) $(CONTEXT)/wheels/
+	cp constraints.txt $(CONTEXT)/
+	git ls-files -z models | xargs -0 cp --parents -t $(CONTEXT)
+	sed -e 's/^ARG DEVICE=cpu$$/ARG DEVICE=$(DEVICE)/' -e 's/^ARG VERSION=unknown$$/ARG VERSION=$(VERSION)/' \
+		-e 's/^ARG REVISION=unknown$$/ARG REVISION=$(REVISION)/' Dockerfile > $(CONTEXT)/Dockerfile
+
+# The release, in DIST: both wheels and both images' build contexts (docker build - < CONTEXT.tar.gz), one VERSION.
+release:
+	$(MAKE) image-context DEVICE=cpu
+	$(MAKE) image-context DEVICE=cuda
+	tar -C build/image-cpu -czf $(DIST)/qaserve-$(VERSION)-image-cpu.tar.gz .
+	tar -C build/image-cuda -czf $(DIST)/qaserve-$(VERSION)-image-cuda.tar.gz .
+	ls -l $(DIST)
 
 # Prometheus and promtool (Debian's prometheus package): the real-Prometheus test and the alert rules' checks (make
 # test, make deploy-check) need them. Does nothing where the package is installed.
@@ -176,5 +204,5 @@ reliability: $(STAMP)
 	PYTHONPATH=tests $(BIN)/python -m reliability $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-hf4 .pytest_cache .mypy_cache .ruff_cache build tests/polyglot/node_modules tools/buf/node_modules
+	rm -rf $(VENV) .venv-hf4 .pytest_cache .mypy_cache .ruff_cache build dist tests/polyglot/node_modules tools/buf/node_modules
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,5 +1,6 @@
-"""The CI wheel check (part of `make test`): both wheels build, and the client wheel, installed alone into a fresh
-virtual environment, brings no torch and answers the seed question from a real `qaserve serve` process."""
+"""The CI release check (part of `make test`): `make release` builds both wheels, of one version and with their
+index metadata, and both image contexts; the client wheel, installed alone into a fresh virtual environment, brings
+no torch and answers the seed question from a real `qaserve serve` process."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -26,12 +28,17 @@ def _run(*args: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture(scope="module")
-def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("wheels")
-    built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", out,
-                 ROOT / "client", ROOT / "server")  # fmt: skip
-    assert built.returncode == 0, built.stderr
-    found = {path.name.split("-")[0]: path for path in out.glob("*.whl")}
+def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make release` into a directory of its own."""
+    out = tmp_path_factory.mktemp("dist")
+    built = _run("make", "release", f"DIST={out}", cwd=ROOT)
+    assert built.returncode == 0, built.stdout + built.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def wheels(release: Path) -> dict[str, Path]:
+    found = {path.name.split("-")[0]: path for path in release.glob("*.whl")}
     assert set(found) == {"qaserve_client", "qaserve"}, found
     return found
 
@@ -68,9 +75,34 @@ def test_both_wheels_carry_the_licence(wheels: dict[str, Path]) -> None:
             assert archive.read(licence) == (ROOT / "LICENSE").read_bytes()
 
 
-def test_both_wheels_have_the_version_of_the_version_file(wheels: dict[str, Path]) -> None:
+def test_both_wheels_have_the_version_of_the_version_file_and_read_well_on_an_index(wheels: dict[str, Path]) -> None:
     version = (ROOT / "VERSION").read_text().strip()
     assert {wheel.name.split("-")[1] for wheel in wheels.values()} == {version}
+    for name, wheel in wheels.items():
+        with zipfile.ZipFile(wheel) as archive:
+            metadata = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        assert "Description-Content-Type: text/markdown" in metadata, name
+        assert f"# {name.replace('_', '-')}" in metadata  # the distribution's README is its description
+        assert "Classifier: Programming Language :: Python :: 3.11" in metadata
+        assert "Project-URL: Source, https://github.com/qaserve/qaserve" in metadata
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_each_image_context_builds_its_device_from_the_wheels_and_the_lock(release: Path, device: str) -> None:
+    version = (ROOT / "VERSION").read_text().strip()
+    revision = _run("git", "rev-parse", "HEAD", cwd=ROOT).stdout.strip()
+    with tarfile.open(release / f"qaserve-{version}-image-{device}.tar.gz") as context:
+        names = {name.removeprefix("./") for name in context.getnames()}
+        dockerfile = context.extractfile("./Dockerfile").read().decode()  # type: ignore[union-attr]
+        lock = context.extractfile("./constraints.txt").read()  # type: ignore[union-attr]
+    assert f"\nARG DEVICE={device}\n" in dockerfile and f"\nARG VERSION={version}\n" in dockerfile
+    assert f"\nARG REVISION={revision}\n" in dockerfile
+    assert lock == (ROOT / "constraints.txt").read_bytes()
+    for source in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, re.MULTILINE):
+        assert source.rstrip("/") in names, source
+    for wheel in re.findall(r'"(wheels/\S+?\.whl)', dockerfile):
+        assert wheel.replace("${VERSION}", version) in names, wheel
+    assert "models/minilm-l6-squadshifts/model.onnx" in names
 
 
 def test_client_wheel_alone_answers_without_torch(

@@ -227,18 +227,15 @@ def test_dockerfile_final_stage_is_unprivileged_and_self_contained() -> None:
     assert not re.search(r"apt-get|pip install|gcc|build-essential", final)
     model = re.search(r"QASERVE_MODEL=/opt/qaserve/(\S+)", final)
     assert model is not None and (ROOT / model.group(1) / "config.json").is_file()
-    ignored = (ROOT / ".dockerignore").read_text().splitlines()
-    for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.MULTILINE):
-        assert f"!{source.rstrip('/')}/" in ignored or f"!{source}" in ignored, source
 
 
 def test_dockerfile_installs_torch_only_for_cuda() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    install = re.search(r'RUN if \[ "\$\{DEVICE\}" = "cuda" \]; then(.*?)else(.*?)fi', text, re.DOTALL)
+    install = re.search(r'if \[ "\$\{DEVICE\}" = "cuda" \]; then(.*?)else(.*?)fi', text, re.DOTALL)
     assert install is not None
     cuda, cpu = install.groups()
-    assert "torch==" in cuda and '"./server[torch]"' in cuda
-    assert "torch" not in cpu and re.search(r"\./client \./server;", cpu)
+    assert "torch==" in cuda and '"${server}[torch]"' in cuda
+    assert "torch" not in cpu and '"${client}" "${server}";' in cpu
 
 
 def test_rule_check_rejects_a_rule_promtool_refuses(rendered: dict[str, list[Any]]) -> None:
