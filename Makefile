@@ -20,26 +20,31 @@ $(STAMP): constraints.txt requirements-dev.txt client/pyproject.toml server/pypr
 		-e ./client -e './server[torch]' -r requirements-dev.txt
 	touch $(STAMP)
 
-# The Node.js client's packages (tests/polyglot), exactly as locked. `make test` installs them where npm exists;
-# without Node.js the polyglot test skips.
-NODE_DEPS := tests/polyglot/node_modules/.package-lock.json
+# The Node.js client's packages (client/node), exactly as locked. `make test` installs them where npm exists.
+NODE_DEPS := client/node/node_modules/.package-lock.json
 
 node-deps: $(NODE_DEPS)
 
-$(NODE_DEPS): tests/polyglot/package.json tests/polyglot/package-lock.json
-	cd tests/polyglot && npm ci --ignore-scripts --no-audit --no-fund
+$(NODE_DEPS): client/node/package.json client/node/package-lock.json
+	cd client/node && npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
 
 # The googleapis protos the contract imports (google/rpc/status.proto) and the error details clients decode
-# (google/rpc/error_details.proto), placed from the installed googleapis-common-protos into an ignored folder that
-# buf.yaml (as a second module) and every language's build include. Nothing of theirs is copied into the repo.
+# (google/rpc/error_details.proto), taken from the googleapis-common-protos wheel pinned in constraints.txt (the one
+# the Python client installs) into an ignored folder that buf.yaml (as a second module) and every language's build
+# include. Nothing of theirs is copied into the repo, and the Go, C++ and Node.js clients need no `make install`.
 GOOGLEAPIS := build/googleapis
 GOOGLEAPIS_PLACED := $(GOOGLEAPIS)/.placed
-PURELIB = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+PIP_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 
-$(GOOGLEAPIS_PLACED): $(STAMP)
-	rm -rf $(GOOGLEAPIS) && mkdir -p $(GOOGLEAPIS)/google/rpc
-	cp "$(PURELIB)/google/rpc/status.proto" "$(PURELIB)/google/rpc/error_details.proto" $(GOOGLEAPIS)/google/rpc/
+$(GOOGLEAPIS_PLACED): constraints.txt
+	rm -rf $(GOOGLEAPIS) build/googleapis-wheel
+	$(PIP_PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary :all: \
+		-c constraints.txt -d build/googleapis-wheel googleapis-common-protos
+	$(PIP_PYTHON) -m zipfile -e build/googleapis-wheel/googleapis_common_protos-*.whl build/googleapis-wheel/unpacked
+	mkdir -p $(GOOGLEAPIS)/google/rpc
+	cp build/googleapis-wheel/unpacked/google/rpc/status.proto build/googleapis-wheel/unpacked/google/rpc/error_details.proto \
+		$(GOOGLEAPIS)/google/rpc/
 	touch $@
 
 # buf (npm @bufbuild/buf, locked in tools/buf/package-lock.json): lint, breaking and the Go generation.
@@ -49,18 +54,6 @@ BUF_AGAINST ?= HEAD~1
 $(BUF): tools/buf/package.json tools/buf/package-lock.json
 	cd tools/buf && npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
-
-# The Debian packages the Go and C++ clients build from (Go 1.19, grpc-go 1.33, protobuf-go 1.28, gRPC C++ 1.51,
-# GoogleTest), then the Node.js client's npm packages. golang-github-golang-protobuf-1-5-dev replaces the 1.3
-# package that comes by default, which panics on oneof fields. apt runs only when a package is missing.
-CLIENT_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
-	golang-google-genproto-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev cmake g++ \
-	libgtest-dev
-SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-
-client-deps: $(NODE_DEPS)
-	dpkg -s $(CLIENT_DEBS) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(CLIENT_DEBS); }
 
 # Go in GOPATH mode on Debian's packages (no Go module proxy needed): /usr/share/gocode holds grpc-go, protobuf-go
 # and genproto; build/go holds the plugins and links the repo's Go module in under its import path.
@@ -112,6 +105,54 @@ proto-breaking: $(GOOGLEAPIS_PLACED) $(BUF)
 	git archive '$(BUF_AGAINST)' protos | tar -x -C build/buf/against
 	cp buf.yaml build/buf/against/ && cp -r $(GOOGLEAPIS) build/buf/against/build/
 	$(BUF) breaking --against build/buf/against
+
+# The Go, C++ and Node.js clients (client/go, client/cpp, client/node; docs/clients.md). TARGET=HOST:PORT names a
+# running qaserve for the tests and examples; tests/clients runs the tests against a server of its own.
+.PHONY: client-go client-go-test client-cpp client-cpp-test client-node-test client-examples
+TARGET ?=
+CPP_BUILD := build/cpp
+GO_EXAMPLE := build/go/bin/qaserve-example
+need_target = @test -n "$(TARGET)" || { echo "set TARGET=HOST:PORT of a running qaserve"; exit 2; }
+
+# The Debian packages the Go and C++ clients build from (Go 1.19, grpc-go 1.33, protobuf-go 1.28, gRPC C++ 1.51,
+# GoogleTest), then the Node.js client's npm packages. golang-github-golang-protobuf-1-5-dev replaces the 1.3
+# package that comes by default, which panics on oneof fields. apt runs only when a package is missing.
+CLIENT_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
+	golang-google-genproto-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev cmake g++ \
+	libgtest-dev
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+client-deps: $(NODE_DEPS)
+	dpkg -s $(CLIENT_DEBS) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(CLIENT_DEBS); }
+
+client-go: $(GO_LINK)
+	$(call need,go)
+	cd $(GO_LINK) && $(GO_ENV) go vet ./... && $(GO_ENV) go build -o $(CURDIR)/$(GO_EXAMPLE) ./cmd/qaserve-example
+
+client-go-test: client-go
+	$(need_target)
+	cd $(GO_LINK) && $(GO_ENV) QASERVE_TARGET=$(TARGET) go test -count=1 ./...
+
+client-cpp: $(GOOGLEAPIS_PLACED)
+	$(call need,cmake)
+	cmake -S client/cpp -B $(CPP_BUILD) -DGOOGLEAPIS_DIR=$(CURDIR)/$(GOOGLEAPIS)
+	cmake --build $(CPP_BUILD) --parallel $$(nproc)
+
+client-cpp-test: client-cpp
+	$(need_target)
+	QASERVE_TARGET=$(TARGET) $(CPP_BUILD)/qaserve-client-test
+
+client-node-test: $(NODE_DEPS)
+	$(need_target)
+	cd client/node && QASERVE_TARGET=$(TARGET) node --test test/
+
+# From a fresh clone: installs what the clients need, builds the three examples and runs each against TARGET.
+client-examples: client-deps client-go client-cpp
+	$(need_target)
+	$(GO_EXAMPLE) $(TARGET)
+	$(CPP_BUILD)/qaserve-example $(TARGET)
+	node client/node/example.mjs $(TARGET)
 
 # The layering contract ([tool.importlinter] in pyproject.toml): qa/ and runtime/ free of gRPC, framework imports
 # only under runtime/backends/ and the export command, the client free of the server.
@@ -204,5 +245,5 @@ reliability: $(STAMP)
 	PYTHONPATH=tests $(BIN)/python -m reliability $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-hf4 .pytest_cache .mypy_cache .ruff_cache build dist tests/polyglot/node_modules tools/buf/node_modules
+	rm -rf $(VENV) .venv-hf4 .pytest_cache .mypy_cache .ruff_cache build dist client/node/node_modules tools/buf/node_modules
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,13 +1,12 @@
-// qaserve from Node.js, against a real server: QASERVE_TARGET=host:port node --test
-// (tests/server/test_polyglot.py starts one on a tiny model and runs this). QASERVE_MODEL names the default model.
+// The Node.js client against a real server: QASERVE_TARGET=host:port of a qaserve serving the embedded model,
+// `node --test test/` (tests/clients/test_node.py starts one and runs this).
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
-import { answerText, answerTextByCodePoints, decodeStatus, QAServeClient, QAServeError } from "./qaserve.mjs";
-import { ReflectionClient } from "./reflection.mjs";
+import { answerText, answerTextByCodePoints, decodeStatus, QAServeClient, QAServeError } from "@qaserve/client";
+import { ReflectionClient } from "@qaserve/client/reflection";
 
 const TARGET = process.env.QASERVE_TARGET;
-const MODEL = process.env.QASERVE_MODEL ?? "tiny";
 if (!TARGET) throw new Error("set QASERVE_TARGET=host:port of a running qaserve");
 
 const CONTEXT = "France is a country in Western Europe. Its capital is Paris.";
@@ -15,15 +14,21 @@ const CONTEXT = "France is a country in Western Europe. Its capital is Paris.";
 // Multilingual Plane (2 UTF-16 units, 4 bytes per code point), the accented letters take 2 bytes each.
 const UNICODE_CONTEXT =
   "🚀 Zoë's café in Zürich 🇨🇭 opened in 1998. Its crème brûlée costs 12 francs 🍮, and the chef is José Núñez.";
-// Hundreds of windows at max_seq_len 32: many forward passes, so progress shows before the end.
+// Hundreds of windows at max_seq_len 64: many forward passes, so progress shows before the end.
 const LONG_CONTEXT = Array.from(
   { length: 200 },
   (_, i) => `Line ${i}: the river number ${i} flows into lake ${i % 7} near the town of Ålesund.`,
 ).join(" ");
 
+// A question asked for the first time: the server answers a repeated request from its response cache, in one
+// message and without running the model.
+const freshQuestion = (question) => `${question} (asked at ${process.hrtime.bigint()})`;
+
 let client;
-before(() => {
+let MODEL; // the server's default model, listed first
+before(async () => {
   client = new QAServeClient(TARGET, { timeoutMs: 30_000 });
+  [{ name: MODEL }] = await client.listModels();
 });
 after(() => client.close());
 
@@ -34,6 +39,11 @@ function withoutTiming(response) {
 }
 
 describe("Answer (unary)", () => {
+  test("the seed question: Paris, code points 54-59", async () => {
+    const { answers } = await client.answer({ question: "What is the capital of France?", context: CONTEXT });
+    assert.deepEqual([answers[0].answer, answers[0].start, answers[0].end], ["Paris", 54, 59]);
+  });
+
   test("answers with spans that are slices of the context, and names the model", async () => {
     const response = await client.answer({ question: "What is the capital of France?", context: CONTEXT, top_k: 3 });
     assert.ok(response.answers.length >= 1 && response.answers.length <= 3);
@@ -46,8 +56,16 @@ describe("Answer (unary)", () => {
     assert.match(response.model.revision, /^sha256:[0-9a-f]{64}$/);
     assert.equal(response.windows, 1);
     assert.ok(response.timing.total_seconds >= response.timing.forward_seconds);
-    assert.equal(response.timing.cached, false);
     assert.match(response.request_id, /^[0-9a-f]{32}$/); // made by the server: this client sent none
+  });
+
+  test("a deadline that passes fails the call with DEADLINE_EXCEEDED", async () => {
+    const request = { question: freshQuestion("Which lake?"), context: LONG_CONTEXT, max_seq_len: 64, doc_stride: 16 };
+    await assert.rejects(client.answer(request, { timeoutMs: 1 }), (error) => {
+      assert.ok(error instanceof QAServeError);
+      assert.equal(error.codeName, "DEADLINE_EXCEEDED");
+      return true;
+    });
   });
 
   test("non-ASCII context: byte offsets on a Buffer, or code points via Array.from, give the answer; UTF-16 indices do not", async () => {
@@ -100,11 +118,11 @@ describe("Answer (unary)", () => {
 describe("AnswerProgressive (server streaming)", () => {
   test("partials with growing windows_done, then a final equal to Answer's response", async () => {
     const request = {
-      question: "Which lake does river 42 flow into?",
+      question: freshQuestion("Which lake does river 42 flow into?"),
       context: LONG_CONTEXT,
       top_k: 5,
-      max_seq_len: 32,
-      doc_stride: 8,
+      max_seq_len: 64,
+      doc_stride: 16,
     };
     const messages = [];
     for await (const message of client.answerProgressive(request)) messages.push(message);
