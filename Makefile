@@ -43,8 +43,8 @@ $(GOOGLEAPIS_PLACED): constraints.txt
 		-c constraints.txt -d build/googleapis-wheel googleapis-common-protos
 	$(PIP_PYTHON) -m zipfile -e build/googleapis-wheel/googleapis_common_protos-*.whl build/googleapis-wheel/unpacked
 	mkdir -p $(GOOGLEAPIS)/google/rpc
-	cp build/googleapis-wheel/unpacked/google/rpc/status.proto build/googleapis-wheel/unpacked/google/rpc/error_details.proto \
-		$(GOOGLEAPIS)/google/rpc/
+	cp build/googleapis-wheel/unpacked/google/rpc/status.proto \
+		build/googleapis-wheel/unpacked/google/rpc/error_details.proto $(GOOGLEAPIS)/google/rpc/
 	touch $@
 
 # buf (npm @bufbuild/buf, locked in tools/buf/package-lock.json): lint, breaking and the Go generation.
@@ -115,16 +115,20 @@ GO_EXAMPLE := build/go/bin/qaserve-example
 need_target = @test -n "$(TARGET)" || { echo "set TARGET=HOST:PORT of a running qaserve"; exit 2; }
 
 # The Debian packages the Go and C++ clients build from (Go 1.19, grpc-go 1.33, protobuf-go 1.28, gRPC C++ 1.51,
-# GoogleTest), then the Node.js client's npm packages. golang-github-golang-protobuf-1-5-dev replaces the 1.3
-# package that comes by default, which panics on oneof fields. apt runs only when a package is missing.
+# GoogleTest), Node.js where it is missing, then the Node.js client's npm packages. apt runs only when a package is
+# missing. golang-github-golang-protobuf-1-5-dev replaces the 1.3 package that comes by default, which panics on
+# oneof fields.
 CLIENT_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
 	golang-google-genproto-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev cmake g++ \
 	libgtest-dev
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-client-deps: $(NODE_DEPS)
+client-deps:
 	dpkg -s $(CLIENT_DEBS) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(CLIENT_DEBS); }
+	command -v npm >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends nodejs npm
+	$(MAKE) --no-print-directory node-deps
 
 client-go: $(GO_LINK)
 	$(call need,go)
