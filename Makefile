@@ -132,6 +132,7 @@ client-deps:
 
 client-go: $(GO_LINK)
 	$(call need,go)
+	@unformatted="$$(gofmt -l client/go)"; test -z "$$unformatted" || { echo "not gofmt-formatted: $$unformatted"; exit 1; }
 	cd $(GO_LINK) && $(GO_ENV) go vet ./... && $(GO_ENV) go build -o $(CURDIR)/$(GO_EXAMPLE) ./cmd/qaserve-example
 
 client-go-test: client-go
