@@ -230,7 +230,7 @@ deploy-check: $(STAMP)
 # (ARGS: --seconds, --limit, --backends, --models, --markdown FILE; see --help). accuracy: SQuAD v1.1 dev EM/F1
 # (ARGS: --backend torch|onnx, --model DIR, --limit N). parity: against the transformers 4.x pipeline (--backend).
 bench: $(STAMP)
-	$(BIN)/python -m bench.load $(ARGS)
+	PYTHONPATH=tests $(BIN)/python -m bench.load $(ARGS)
 
 accuracy: $(STAMP)
 	$(BIN)/python -m bench.accuracy $(ARGS)

@@ -39,7 +39,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,11 +46,12 @@ from importlib import metadata
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.bare import percentile
 from bench.drive import Connection, Measured, closed_loop, open_loop, requests_of, stubs
 from bench.evaldata import SQUAD_DEV, Question, load_questions
+
+from qaserve_testing import wait_serving  # the tests' module (make bench puts tests/ on the path)
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "models" / "minilm-l6-squadshifts"
@@ -156,20 +156,10 @@ class ServerProcess:
         return self.log.read()[-3000:]
 
     async def ready(self, limit: float = 300.0) -> None:
-        until = time.monotonic() + limit
         async with grpc.aio.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < until:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{shlex.join(self.command)} exited with {self.proc.returncode}:\n{self.output()}"
-                    )
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                await asyncio.sleep(0.2)
-        raise TimeoutError(f"the server did not report SERVING within {limit:.0f} s:\n{self.output()}")
+            await wait_serving(
+                channel, self.proc, limit, output=lambda: f"{shlex.join(self.command)}:\n{self.output()}"
+            )
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from qaserve.server import QAServer, create_server
+from qaserve.server import QAServer
 
-from qaserve_testing import build_tiny_model, export_tiny_onnx, tiny_settings
+from qaserve_testing import build_tiny_model, export_tiny_onnx, in_process_server, tiny_settings
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +43,5 @@ def tiny_int8_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 async def tiny_server(tiny_model_dir: Path) -> AsyncIterator[tuple[QAServer, str]]:
     """A real grpc.aio qaserve on the tiny model, with a fresh metrics registry; yields (server, target)."""
-    server, port = create_server(tiny_settings(tiny_model_dir), registry=CollectorRegistry())
-    await server.start()
-    yield server, f"127.0.0.1:{port}"
-    await server.stop()
+    async with in_process_server(tiny_settings(tiny_model_dir)) as server:
+        yield server, f"127.0.0.1:{server.port}"

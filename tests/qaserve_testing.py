@@ -1,25 +1,37 @@
-"""Test support: tiny random-weight QA models (real tokenizer, real architectures) and server settings."""
+"""Test support: tiny random-weight QA models (real tokenizer, real architectures), server settings, servers in
+this process or their own, waiting for them, and a fake replica. Tests, bench and the reliability harness use it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
 import os
 import socket
+import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
 import transformers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 from tokenizers import ByteLevelBPETokenizer, SentencePieceUnigramTokenizer
 from transformers import AutoConfig, AutoModelForQuestionAnswering
 
 from qaserve.config import EMBEDDED_MODEL, Settings
+
+if TYPE_CHECKING:
+    from qaserve.server import QAServer
+    from qaserve.tracing import Tracing
 
 SEED_QUESTION = "What is the capital of France?"
 SEED_CONTEXT = "France is a country in Western Europe. Its capital is Paris."
@@ -164,18 +176,115 @@ async def start_qaserve(
     )
 
 
-async def wait_serving(channel: grpc.aio.Channel, process: asyncio.subprocess.Process, seconds: float = 60.0) -> None:
-    """Waits until the process's overall health is SERVING; fails, with its stderr, if it exits first."""
+# How long anything that should happen "soon" may take before a test calls it broken; only reached on failure.
+PATIENCE = 5.0
+
+ServerProcess = asyncio.subprocess.Process | subprocess.Popen[Any]
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], what: str, seconds: float = PATIENCE, every: float = 0.005
+) -> None:
+    """Waits until `condition()` (a bool, or a coroutine's) holds, checking every `every` seconds; AssertionError
+    naming `what` after `seconds`."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + seconds
+    while not await _holds(condition):
+        assert loop.time() < give_up, f"timed out waiting for {what}"
+        await asyncio.sleep(every)
+
+
+async def _holds(condition: Callable[[], bool | Awaitable[bool]]) -> bool:
+    result = condition()
+    return await result if inspect.isawaitable(result) else result
+
+
+async def wait_serving(
+    channel: grpc.aio.Channel,
+    process: ServerProcess | None = None,
+    seconds: float = 60.0,
+    output: Callable[[], str] | None = None,
+) -> None:
+    """Waits until the server's overall health is SERVING. With the server's `process`, fails as soon as it exits;
+    the failure quotes `output()` where given, else the process's piped stderr."""
     health = health_pb2_grpc.HealthStub(channel)
-    for _ in range(int(seconds / 0.1)):
-        if process.returncode is not None:
-            stderr = await process.stderr.read() if process.stderr is not None else b""
-            raise AssertionError(f"the server exited with {process.returncode} before serving: {stderr!r}")
-        try:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + seconds
+    while loop.time() < give_up:
+        code = _exit_code(process)
+        if code is not None:
+            said = output() if output else await _stderr(process)
+            raise AssertionError(f"the server exited with {code} before serving: {said}")
+        with contextlib.suppress(grpc.aio.AioRpcError):
             reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
-        except grpc.aio.AioRpcError:
-            pass
         await asyncio.sleep(0.1)
-    raise AssertionError(f"the server did not report SERVING within {seconds:.0f} s")
+    raise AssertionError(f"the server did not report SERVING within {seconds:.0f} s{': ' + output() if output else ''}")
+
+
+def _exit_code(process: ServerProcess | None) -> int | None:
+    if isinstance(process, asyncio.subprocess.Process):
+        return process.returncode
+    return None if process is None else process.poll()
+
+
+async def _stderr(process: ServerProcess | None) -> str:
+    if isinstance(process, asyncio.subprocess.Process) and process.stderr is not None:
+        return repr(await process.stderr.read())
+    return ""
+
+
+@contextlib.asynccontextmanager
+async def in_process_server(settings: Settings, tracing: Tracing | None = None) -> AsyncIterator[QAServer]:
+    """A started qaserve in this process, its metrics on a fresh registry; stopped when the block ends. It listens
+    on `server.port` (settings.port 0: a free one)."""
+    from qaserve.server import create_server  # here: bench's load generator imports this module, not the server
+
+    server, _ = create_server(settings, registry=CollectorRegistry(), tracing=tracing)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+class FakeReplica:
+    """A replica for the batcher and the model cache: runs one batch at a time on its own thread, answering with
+    `outputs(windows)` (the windows themselves by default). It can be held mid-forward (every batch, or those
+    `held_for` picks), slowed down by `delay` seconds, or made to fail where `fail_if` says."""
+
+    def __init__(self, label: str = "fake-0") -> None:
+        self.label = label
+        self.device = f"fake:{label}"
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=label)
+        self.batches: list[list[Any]] = []
+        self.delay = 0.0
+        self.fail_if: Callable[[list[Any]], bool] = lambda _: False
+        self.outputs: Callable[[list[Any]], list[Any]] = list
+        self.held_for: Callable[[list[Any]], bool] = lambda _: True
+        self._gate = threading.Event()
+        self._gate.set()
+
+    def forward(self, windows: list[Any]) -> list[Any]:
+        self.batches.append(list(windows))
+        if self.held_for(windows) and not self._gate.wait(PATIENCE):
+            raise RuntimeError("the test never released the fake replica")
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_if(windows):
+            raise RuntimeError("fake forward pass failed")
+        return self.outputs(windows)
+
+    def hold(self) -> None:
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def seen(self) -> list[Any]:
+        return [window for batch in self.batches for window in batch]
+
+    def close(self) -> None:
+        self.release()
+        self.executor.shutdown()

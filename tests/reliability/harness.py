@@ -15,15 +15,12 @@ from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from qaserve.server import create_server
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import free_port, tiny_settings
+from qaserve_testing import free_port, in_process_server, tiny_settings, wait_serving
 
 MODEL = "tiny"
 SHORT_CONTEXT = "France is a country in Western Europe. Its capital is Paris."
@@ -113,18 +110,8 @@ class SubprocessServer(Server):
     async def start(self, within: float = 120.0) -> None:
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(*self.args, stdout=log, stderr=log)
-        until = time.monotonic() + within
         async with grpc.aio.insecure_channel(self.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < until:
-                if self.process.returncode is not None:
-                    raise RuntimeError(f"qaserve exited with {self.process.returncode}; see {self.log_path}")
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                await asyncio.sleep(0.2)
-        raise TimeoutError(f"qaserve did not report SERVING within {within:.0f}s; see {self.log_path}")
+            await wait_serving(channel, self.process, within, output=lambda: f"see {self.log_path}")
 
     async def stop(self) -> None:
         if self.process is None or self.process.returncode is not None:
@@ -146,18 +133,19 @@ class InProcessServer(Server):
 
     def __init__(self, models_config: Path, **overrides: object) -> None:
         overrides = {"response_cache_bytes": 0, **overrides}  # repeated probes must reach the model path
-        settings = tiny_settings(Path(), models_config=str(models_config), **overrides)
-        self.qa_server, port = create_server(settings, registry=CollectorRegistry())
-        self.target = f"127.0.0.1:{port}"
+        self.settings = tiny_settings(Path(), models_config=str(models_config), **overrides)
+        self.target = ""
         self.metrics_port = 0
+        self._running = contextlib.AsyncExitStack()
 
     async def start(self) -> None:
-        await self.qa_server.start()
+        self.qa_server = await self._running.enter_async_context(in_process_server(self.settings))
         assert self.qa_server.metrics_port is not None
+        self.target = f"127.0.0.1:{self.qa_server.port}"
         self.metrics_port = self.qa_server.metrics_port
 
     async def stop(self) -> None:
-        await self.qa_server.stop()
+        await self._running.aclose()
 
     def rss_bytes(self) -> int:
         return rss_of(os.getpid())

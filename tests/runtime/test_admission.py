@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import cast
@@ -23,7 +23,8 @@ from qaserve.runtime.engine import QAEngine
 from qaserve.runtime.registry import ModelRegistry
 from qaserve.runtime.spec import ModelSpec
 
-PATIENCE = 5.0
+from qaserve_testing import PATIENCE, eventually
+
 RETRY_AFTER = 0.25
 REQUEST = QARequest(question="Who wrote it?", context="It was written by Ada.")
 
@@ -88,14 +89,6 @@ async def rig(executor: ThreadPoolExecutor) -> AsyncIterator[Rig]:
     rig = Rig(engine, registry, metrics)
     yield rig
     await rig.release()
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + PATIENCE
-    while not condition():
-        assert loop.time() < give_up, f"timed out waiting for {what}"
-        await asyncio.sleep(0.001)
 
 
 async def fill(rig: Rig) -> list[asyncio.Task[object]]:

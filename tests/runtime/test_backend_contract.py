@@ -21,7 +21,7 @@ from qaserve.runtime.backends import BACKENDS, BackendEntry
 from qaserve.runtime.model import load_model
 from qaserve.runtime.spec import ModelSpec
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION
+from qaserve_testing import PATIENCE, SEED_CONTEXT, SEED_QUESTION
 
 
 @pytest.fixture
@@ -38,8 +38,12 @@ def keyword_model(tiny_model_dir: Path, directory: Path, keyword: str) -> Path:
 
 
 def forward_threads(model: str) -> list[str]:
-    """The live replica threads of `model` (ReplicaThread names them forward-<model>-<device>-<i>)."""
-    return [t.name for t in threading.enumerate() if t.name.startswith(f"forward-{model}-")]
+    """The replica threads of `model` still running a moment later (ReplicaThread names them
+    forward-<model>-<device>-<i>)."""
+    threads = [t for t in threading.enumerate() if t.name.startswith(f"forward-{model}-")]
+    for thread in threads:
+        thread.join(PATIENCE)
+    return [t.name for t in threads if t.is_alive()]
 
 
 async def test_a_backend_in_the_table_serves_models_that_name_it(
@@ -83,7 +87,8 @@ def test_a_replica_opens_runs_and_releases_on_its_own_thread(
     keyword_backend: None, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     directory = keyword_model(tiny_model_dir, tmp_path / "m", "capital")
-    model = load_model(ModelSpec("m", str(directory), backend="keyword", replicas_per_device=2), intra_op_threads=3)
+    spec = ModelSpec("keyword-lifecycle", str(directory), backend="keyword", replicas_per_device=2)
+    model = load_model(spec, intra_op_threads=3)
     replicas = [r for r in model.replicas if isinstance(r, KeywordReplica)]
     assert len(replicas) == 2 and all(r.opened and r.threads == 3 for r in replicas)
     model.close()
@@ -93,7 +98,7 @@ def test_a_replica_opens_runs_and_releases_on_its_own_thread(
         assert len(replica.thread_names) == 3
         assert all(name.startswith(f"forward-{replica.label}") for name in replica.thread_names)
         assert not replica.opened
-    assert forward_threads("m") == []
+    assert forward_threads("keyword-lifecycle") == []
 
 
 def test_a_replica_that_fails_to_open_leaves_no_thread_behind(
@@ -101,5 +106,5 @@ def test_a_replica_that_fails_to_open_leaves_no_thread_behind(
 ) -> None:
     directory = keyword_model(tiny_model_dir, tmp_path / "m", "")
     with pytest.raises(ValueError, match=f"{KEYWORD_FILE} is empty"):
-        load_model(ModelSpec("m", str(directory), backend="keyword"))
-    assert forward_threads("m") == []
+        load_model(ModelSpec("keyword-empty", str(directory), backend="keyword"))
+    assert forward_threads("keyword-empty") == []

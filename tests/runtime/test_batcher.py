@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,9 +16,9 @@ from qaserve.errors import DeadlineTooShort, InferenceFailed, ShuttingDown
 from qaserve.metrics import Metrics
 from qaserve.runtime.batcher import Batcher, BatchLimits, BatchTiming, WindowResults
 
+from qaserve_testing import PATIENCE, FakeReplica, eventually
+
 MODEL = "fake-model"
-# How long anything that should happen "soon" may take before a test calls it broken; only reached on failure.
-PATIENCE = 5.0
 HUNG = "still running"
 
 
@@ -36,42 +33,6 @@ class Win:
 
 def output_of(window: Win) -> str:
     return f"{window.request}/{window.index}/{window.length}"
-
-
-class FakeReplica:
-    """Runs one batch at a time on its own thread; can be held mid-forward (every batch, or those `held_for`
-    picks), slowed down, or made to fail."""
-
-    def __init__(self, label: str = "fake-0") -> None:
-        self.label = label
-        self.device = f"fake:{label}"
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=label)
-        self.batches: list[list[Win]] = []
-        self.delay = 0.0
-        self.fail_if: Callable[[list[Win]], bool] = lambda _: False
-        self.outputs: Callable[[list[Win]], list[str]] = lambda windows: [output_of(w) for w in windows]
-        self.held_for: Callable[[list[Win]], bool] = lambda _: True
-        self._gate = threading.Event()
-        self._gate.set()
-
-    def forward(self, windows: list[Win]) -> list[str]:
-        self.batches.append(list(windows))
-        if self.held_for(windows) and not self._gate.wait(PATIENCE):
-            raise RuntimeError("the test never released the fake replica")
-        if self.delay:
-            time.sleep(self.delay)
-        if self.fail_if(windows):
-            raise RuntimeError("fake forward pass failed")
-        return self.outputs(windows)
-
-    def hold(self) -> None:
-        self._gate.clear()
-
-    def release(self) -> None:
-        self._gate.set()
-
-    def seen(self) -> list[Win]:
-        return [window for batch in self.batches for window in batch]
 
 
 @dataclass
@@ -106,6 +67,8 @@ class MakeRig(Protocol):
 def build_rig(*, replicas: int = 1, max_windows: int = 32, max_tokens: int = 16384, max_wait: float = 0.002) -> Rig:
     """A started batcher over fresh fake replicas, with metrics on a fresh registry; call from the loop."""
     fakes = [FakeReplica(f"fake-{i}") for i in range(replicas)]
+    for fake in fakes:
+        fake.outputs = lambda windows: [output_of(w) for w in windows]
     registry = CollectorRegistry()
     limits = BatchLimits(max_windows=max_windows, max_tokens=max_tokens, max_wait=max_wait)
     batcher: Batcher[Win, str] = Batcher(MODEL, fakes, limits, Metrics(registry))
@@ -158,14 +121,6 @@ def submit(
 
 def expected(request: str, lengths: Sequence[int]) -> list[str]:
     return [output_of(Win(request, i, n)) for i, n in enumerate(lengths)]
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + PATIENCE
-    while not condition():
-        assert loop.time() < give_up, f"timed out waiting for {what}"
-        await asyncio.sleep(0.001)
 
 
 async def occupy(rig: Rig) -> asyncio.Task[tuple[list[str], BatchTiming]]:

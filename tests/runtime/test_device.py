@@ -15,19 +15,26 @@ from qaserve.runtime.device import accelerator_possible, cpu_cores, default_batc
 from qaserve.runtime.model import QAModel, load_model
 from qaserve.runtime.spec import ModelSpec
 
+ACCELERATOR = torch.cuda.is_available() or torch.backends.mps.is_available()
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+accelerator = pytest.mark.skipif(not ACCELERATOR, reason="needs a CUDA or MPS GPU")
+cpu_only = pytest.mark.skipif(ACCELERATOR, reason="this machine has a GPU")
 
 
-def test_cpu_and_auto_without_accelerators() -> None:
+def test_cpu_is_the_cpu() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
-        assert resolve_device("auto") == torch.device("cpu")
-        assert replica_devices("auto") == [torch.device("cpu")]
+    assert replica_devices("cpu") == [torch.device("cpu")]
 
 
+@cpu_only
+def test_auto_is_the_cpu_without_accelerators() -> None:
+    assert resolve_device("auto") == torch.device("cpu")
+    assert replica_devices("auto") == [torch.device("cpu")]
+
+
+@accelerator
 def test_accelerator_check_never_misses_one_torch_sees() -> None:
-    if torch.cuda.is_available() or torch.backends.mps.is_available():
-        assert accelerator_possible()
+    assert accelerator_possible()
 
 
 def test_dtypes_default_to_float32_on_cpu_and_half_on_gpu() -> None:

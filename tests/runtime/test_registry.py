@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,17 +17,9 @@ from qaserve.runtime import BatchLimits, ModelRegistry, ModelState
 from qaserve.runtime.device import default_batch_tokens
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
 
+from qaserve_testing import FakeReplica, eventually
+
 MB = 1_000_000
-
-
-class FakeReplica:
-    def __init__(self, name: str) -> None:
-        self.executor = ThreadPoolExecutor(1)
-        self.label = name
-        self.device = "cpu"
-
-    def forward(self, windows: list[Any]) -> list[Any]:
-        return windows
 
 
 class FakeModel:
@@ -47,7 +38,7 @@ class FakeModel:
     def close(self) -> None:
         self.closed = True
         for r in self.replicas:
-            r.executor.shutdown()
+            r.close()
 
 
 @dataclass
@@ -101,14 +92,6 @@ async def make() -> AsyncIterator[Make]:
     yield build
     for registry in made:
         await registry.close()
-
-
-async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def specs(*names: str, pinned: tuple[str, ...] = ()) -> list[ModelSpec]:
@@ -235,10 +218,10 @@ async def test_eviction_waits_for_in_flight_requests(make: Make) -> None:
             order.append("request finished")
 
     request = asyncio.create_task(long_request())
-    await until(lambda: order == ["request started"])
+    await eventually(lambda: order == ["request started"], "the request to start")
     await registry.get("a")  # b is least recently used
     load_c = asyncio.create_task(registry.get("c"))
-    await until(lambda: registry.info("b").state is ModelState.UNLOADED)  # chosen for eviction, draining
+    await eventually(lambda: registry.info("b").state is ModelState.UNLOADED, "b to be chosen")  # draining
     await asyncio.sleep(0.05)
     assert not loader.models["b"].closed  # still serving its request
     assert not load_c.done()
@@ -327,7 +310,7 @@ async def test_a_removed_model_refuses_new_requests_and_closes_once_its_request_
             answered.append(serving.model.name)  # type: ignore[attr-defined]
 
     request = asyncio.create_task(long_request())
-    await until(lambda: registry.loaded("b") is not None and registry.loaded("b").active == 1)  # type: ignore[union-attr]
+    await eventually(lambda: (b := registry.loaded("b")) is not None and b.active == 1, "b to be in use")
 
     changes = await registry.reconfigure(config(spec("a")))
 
@@ -360,7 +343,7 @@ async def test_a_changed_model_reloads_beside_the_old_one_without_failing_its_re
             return str(serving.model.spec.top_k)  # type: ignore[attr-defined]
 
     request = asyncio.create_task(long_request())
-    await until(lambda: old.active == 1)
+    await eventually(lambda: old.active == 1, "the old version to be in use")
     seen.clear()
 
     changes = await registry.reconfigure(config(spec("a", top_k=3, max_batch_windows=4)))
@@ -391,9 +374,9 @@ async def test_without_room_for_both_the_old_version_drains_and_requests_wait_fo
             await release.wait()
 
     request = asyncio.create_task(long_request())
-    await until(lambda: old.active == 1)
+    await eventually(lambda: old.active == 1, "the old version to be in use")
     reconfiguring = asyncio.create_task(registry.reconfigure(config(spec("a", top_k=2), max_models=1)))
-    await until(lambda: registry.spec("a").top_k == 2)
+    await eventually(lambda: registry.spec("a").top_k == 2, "the new configuration")
     waiting = asyncio.create_task(registry.get("a"))  # a new request waits for the new version
     await asyncio.sleep(0.05)
     assert not waiting.done() and loader.calls == {"a": 1}  # never two versions at once

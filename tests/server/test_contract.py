@@ -14,15 +14,14 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from prometheus_client import CollectorRegistry
 
-from qaserve.server import QAServer, create_server
+from qaserve.server import QAServer
 from qaserve_client.v1 import model_service_pb2 as mpb
 from qaserve_client.v1 import model_service_pb2_grpc as mpb_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, tiny_settings
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, in_process_server, tiny_settings
 
 # Far past the 16 KiB of response headers a gRPC client accepts, were the server to repeat it.
 HUGE_NAME = "m" * 40_000
@@ -41,11 +40,11 @@ async def server(
         '\n[[models]]\nname = "spare"\nsource = "broken"\n'
     )
     settings = tiny_settings(tiny_model_dir, models_config=str(root / "models.toml"))
-    qa_server, port = create_server(settings, registry=CollectorRegistry())
-    await qa_server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with (
+        in_process_server(settings) as qa_server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{qa_server.port}") as channel,
+    ):
         yield qa_server, channel
-    await qa_server.stop()
 
 
 def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
@@ -198,33 +197,31 @@ async def test_load_failure_text_names_no_host_path(server: tuple[QAServer, grpc
 async def test_answer_many_items_past_admission_get_their_own_resource_exhausted(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    qa_server, port = create_server(tiny_settings(tiny_model_dir, max_in_flight=1), registry=CollectorRegistry())
-    await qa_server.start()
-    registry = qa_server.engine.registry
-    real_use = registry.use
-    release = asyncio.Event()
+    async with in_process_server(tiny_settings(tiny_model_dir, max_in_flight=1)) as qa_server:
+        registry = qa_server.engine.registry
+        real_use = registry.use
+        release = asyncio.Event()
 
-    @contextlib.asynccontextmanager
-    async def held_use(name: str) -> AsyncIterator[Any]:
-        await release.wait()  # the first item keeps the one admission slot until the others are refused
-        async with real_use(name) as serving:
-            yield serving
+        @contextlib.asynccontextmanager
+        async def held_use(name: str) -> AsyncIterator[Any]:
+            await release.wait()  # the first item keeps the one admission slot until the others are refused
+            async with real_use(name) as serving:
+                yield serving
 
-    monkeypatch.setattr(registry, "use", held_use)
-    items = [
-        pb.AnswerManyRequest(id=str(i), request=pb.AnswerRequest(question=SEED_QUESTION, context=SEED_CONTEXT))
-        for i in range(6)
-    ]
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            responses = {}
-            async for response in pb_grpc.QuestionAnsweringServiceStub(channel).AnswerMany(iter(items), timeout=30):
-                responses[response.id] = response
-                if len(responses) == len(items) - 1:
-                    release.set()
-    finally:
-        release.set()
-        await qa_server.stop()
+        monkeypatch.setattr(registry, "use", held_use)
+        items = [
+            pb.AnswerManyRequest(id=str(i), request=pb.AnswerRequest(question=SEED_QUESTION, context=SEED_CONTEXT))
+            for i in range(6)
+        ]
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{qa_server.port}") as channel:
+                responses = {}
+                async for response in pb_grpc.QuestionAnsweringServiceStub(channel).AnswerMany(iter(items), timeout=30):
+                    responses[response.id] = response
+                    if len(responses) == len(items) - 1:
+                        release.set()
+        finally:
+            release.set()
 
     refused = [r for r in responses.values() if r.WhichOneof("result") == "error"]
     answered = [r for r in responses.values() if r.WhichOneof("result") == "response"]

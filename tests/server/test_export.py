@@ -9,15 +9,13 @@ import sys
 from pathlib import Path
 
 import grpc
-from prometheus_client import CollectorRegistry
 
 from qaserve.runtime.backends import MANIFEST_FILE, ONNX_FILE, choose_backend
 from qaserve.runtime.spec import ModelSpec
-from qaserve.server import create_server
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, tiny_settings
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, in_process_server, tiny_settings
 
 
 def qaserve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -42,14 +40,12 @@ async def test_exported_int8_directory_serves_over_grpc(tiny_model_dir: Path, tm
     assert manifest["squad_v1.1_dev"] == {"exact_match": 1.5, "f1": 2.5}
     assert manifest["opset"] == 17
 
-    server, port = create_server(tiny_settings(out), registry=CollectorRegistry())
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.QuestionAnsweringServiceStub(channel)
-            response = await stub.Answer(pb.AnswerRequest(question=SEED_QUESTION, context=SEED_CONTEXT), timeout=30)
-    finally:
-        await server.stop()
+    async with (
+        in_process_server(tiny_settings(out)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = pb_grpc.QuestionAnsweringServiceStub(channel)
+        response = await stub.Answer(pb.AnswerRequest(question=SEED_QUESTION, context=SEED_CONTEXT), timeout=30)
     [best] = response.answers
     assert best.answer == SEED_CONTEXT[best.start : best.end]
     assert (response.model.dtype, response.model.device) == ("int8", "cpu")

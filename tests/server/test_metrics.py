@@ -9,7 +9,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -17,17 +17,17 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qaserve.config import Settings, parse_settings
+from qaserve.config import parse_settings
 from qaserve.errors import ModelFailed
 from qaserve.metrics import MODEL_STATES, Metrics
 from qaserve.runtime import ModelRegistry
 from qaserve.runtime.model import QAModel, load_model
 from qaserve.runtime.spec import ModelSpec
-from qaserve.server import QAServer, create_server
+from qaserve.server import QAServer
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, tiny_settings
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, eventually, in_process_server, tiny_settings
 
 PATIENCE = 30.0
 LONG_CONTEXT = " ".join(f"Sentence number {i} says that the river {i} flows north." for i in range(40))
@@ -59,24 +59,6 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + PATIENCE
-    while not condition():
-        assert loop.time() < give_up, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[QAServer]:
-    server, _ = create_server(settings, registry=CollectorRegistry())
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 # -- settings -----------------------------------------------------------------------------------------------------
 
 
@@ -103,7 +85,7 @@ async def test_process_metrics_and_build_info_over_ipv6_loopback(
     if port is None:
         pytest.skip("this machine has no IPv6 loopback")
     settings = tiny_settings(tiny_model_dir, host=host, metrics_host=metrics_host, metrics_port=port)
-    async with running(settings) as server:
+    async with in_process_server(settings) as server:
         assert server.metrics_port == port
         samples = await asyncio.to_thread(scrape, f"http://[::1]:{port}/metrics")
 
@@ -132,7 +114,7 @@ async def test_process_metrics_and_build_info_over_ipv6_loopback(
 @pytest.fixture(scope="module")
 async def small_server(tiny_model_dir: Path) -> AsyncIterator[QAServer]:
     """One request in flight at most, so that a second one is overloaded."""
-    async with running(tiny_settings(tiny_model_dir, max_in_flight=1)) as server:
+    async with in_process_server(tiny_settings(tiny_model_dir, max_in_flight=1)) as server:
         yield server
 
 
@@ -184,7 +166,7 @@ async def test_overload_is_counted_once(
     request = pb.AnswerRequest(question=SEED_QUESTION, context=SEED_CONTEXT)
     first = asyncio.ensure_future(stub.Answer(request, timeout=PATIENCE))
     try:
-        await eventually(lambda: engine.in_flight == 1, "the first request to be admitted")
+        await eventually(lambda: engine.in_flight == 1, "the first request to be admitted", PATIENCE)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Answer(request, timeout=PATIENCE)
     finally:
@@ -227,7 +209,7 @@ async def test_model_state_gauge_follows_load_and_unload(tiny_model_dir: Path, t
         assert states(metrics, "broken") == one_hot("unloaded")
 
         loading = asyncio.create_task(registry.load("tiny"))
-        await eventually(lambda: states(metrics, "tiny") == one_hot("loading"), "the load to start")
+        await eventually(lambda: states(metrics, "tiny") == one_hot("loading"), "the load to start", PATIENCE)
         release.set()
         await asyncio.wait_for(loading, PATIENCE)
         assert states(metrics, "tiny") == one_hot("ready")

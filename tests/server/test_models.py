@@ -12,15 +12,14 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry
 
-from qaserve.server import QAServer, create_server
+from qaserve.server import QAServer
 from qaserve_client.v1 import model_service_pb2 as mpb
 from qaserve_client.v1 import model_service_pb2_grpc as mpb_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import build_tiny_model, tiny_settings
+from qaserve_testing import build_tiny_model, eventually, in_process_server, tiny_settings
 
 CONTEXT = "The river flows into the lake near the old mill."
 
@@ -61,11 +60,11 @@ source = "broken"
 @pytest.fixture(scope="module")
 async def server(models_dir: Path, tiny_model_dir: Path) -> AsyncIterator[tuple[QAServer, grpc.aio.Channel]]:
     settings = tiny_settings(tiny_model_dir, models_config=str(models_dir / "models.toml"))
-    qa_server, port = create_server(settings, registry=CollectorRegistry())
-    await qa_server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with (
+        in_process_server(settings) as qa_server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{qa_server.port}") as channel,
+    ):
         yield qa_server, channel
-    await qa_server.stop()
 
 
 async def states(channel: grpc.aio.Channel) -> dict[str, int]:
@@ -80,12 +79,8 @@ async def model_health(channel: grpc.aio.Channel, name: str) -> int:
     return reply.status
 
 
-async def eventually_health(channel: grpc.aio.Channel, name: str, status: int) -> None:
-    for _ in range(100):
-        if await model_health(channel, name) == status:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"qaserve.model.{name} never became {status}")
+async def has_health(channel: grpc.aio.Channel, name: str, status: int) -> bool:
+    return await model_health(channel, name) == status
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:
@@ -117,14 +112,14 @@ async def test_models_load_on_use_evict_by_recency_and_report_health(
 
     reply = await qa.Answer(pb.AnswerRequest(question="Where?", context=CONTEXT, model="second"), timeout=30)
     assert reply.model.name == "second"
-    await eventually_health(channel, "second", health_pb2.HealthCheckResponse.SERVING)
+    await eventually(lambda: has_health(channel, "second", health_pb2.HealthCheckResponse.SERVING), "SERVING")
 
     loaded = await models.LoadModel(mpb.LoadModelRequest(name="third"), timeout=30)
     assert loaded.model.state == mpb.MODEL_STATE_READY and loaded.model.bytes > 0
     assert loaded.model.revision.startswith("sha256:")
     # capacity two with "main" pinned: "second" made room
     assert (await states(channel))["second"] == mpb.MODEL_STATE_UNLOADED
-    await eventually_health(channel, "second", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await eventually(lambda: has_health(channel, "second", health_pb2.HealthCheckResponse.NOT_SERVING), "NOT_SERVING")
 
     got = await models.GetModel(mpb.GetModelRequest(name="main"), timeout=10)
     assert got.model.is_default and got.model.pinned and got.model.HasField("last_used_time")

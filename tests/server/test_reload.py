@@ -14,19 +14,26 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry
 
 from qaserve.qa import QAParams
 from qaserve.qa.windowing import resolve_params
 from qaserve.runtime.model import load_model
 from qaserve.runtime.spec import ModelSpec
-from qaserve.server import QAServer, create_server
+from qaserve.server import QAServer
 from qaserve_client.v1 import model_service_pb2 as mpb
 from qaserve_client.v1 import model_service_pb2_grpc as mpb_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, free_port, start_qaserve, tiny_settings, wait_serving
+from qaserve_testing import (
+    SEED_CONTEXT,
+    SEED_QUESTION,
+    free_port,
+    in_process_server,
+    start_qaserve,
+    tiny_settings,
+    wait_serving,
+)
 
 NO_RETRIES = [("grpc.enable_retries", 0)]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -59,12 +66,8 @@ async def two_models(
         model("main", tiny_model_dir, preload=True, top_k=3, max_in_flight=1, max_batch_windows=2),
         model("other", tiny_distilbert_dir, preload=True),
     )
-    server, port = create_server(tiny_settings(tiny_model_dir, models_config=str(path)), registry=CollectorRegistry())
-    await server.start()
-    try:
-        yield server, f"127.0.0.1:{port}", path
-    finally:
-        await server.stop()
+    async with in_process_server(tiny_settings(tiny_model_dir, models_config=str(path))) as server:
+        yield server, f"127.0.0.1:{server.port}", path
 
 
 async def test_model_defaults_apply_to_requests_that_leave_them_unset(

@@ -21,17 +21,16 @@ from cryptography.x509.oid import NameOID
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client import CollectorRegistry
 
 from qaserve.api.auth import BearerTokens
 from qaserve.config import Settings, parse_settings
-from qaserve.server import QAServer, create_server
+from qaserve.server import QAServer
 from qaserve_client import AsyncQAClient, ManyItem, QAClient, QAServeError, tls_credentials
 from qaserve_client.v1 import model_service_pb2, model_service_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, free_port, tiny_settings
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, free_port, in_process_server, tiny_settings
 
 CLI = str(Path(sys.executable).with_name("qaserve-client"))
 
@@ -137,12 +136,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[tuple[QAServer, str]]:
-    server, port = create_server(settings, registry=CollectorRegistry())
-    await server.start()
-    try:
-        yield server, f"127.0.0.1:{port}"
-    finally:
-        await server.stop()
+    async with in_process_server(settings) as server:
+        yield server, f"127.0.0.1:{server.port}"
 
 
 async def ask(client: AsyncQAClient) -> str:

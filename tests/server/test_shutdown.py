@@ -11,13 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry
 
-from qaserve.server import create_server
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_QUESTION, free_port, start_qaserve, tiny_settings, wait_serving
+from qaserve_testing import SEED_QUESTION, free_port, in_process_server, start_qaserve, tiny_settings, wait_serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -107,22 +105,20 @@ async def test_sigterm_during_a_burst_answers_all_50_and_exits_0(
 
 async def test_drain_serves_new_requests_and_stop_ends_watch_streams(tiny_model_dir: Path) -> None:
     # A grace far longer than the test may take: stop() must not wait for it while only Watch streams are open.
-    server, port = create_server(tiny_settings(tiny_model_dir, grace_seconds=120), registry=CollectorRegistry())
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_RETRIES) as channel:
-            watch = HealthWatch(channel)
-            await watch.reaches(SERVING)
-            cut_short = asyncio.Event()
-            draining = asyncio.create_task(server.drain(60, cut_short=cut_short))
-            await watch.reaches(NOT_SERVING)
-            assert await answer(pb_grpc.QuestionAnsweringServiceStub(channel)) == "tiny"
-            cut_short.set()
-            await asyncio.wait_for(draining, 10)
-            await asyncio.wait_for(server.stop(), 30)
-            await asyncio.wait_for(watch.task, 10)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await answer(pb_grpc.QuestionAnsweringServiceStub(channel))
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        await server.stop()
+    async with (
+        in_process_server(tiny_settings(tiny_model_dir, grace_seconds=120)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=NO_RETRIES) as channel,
+    ):
+        watch = HealthWatch(channel)
+        await watch.reaches(SERVING)
+        cut_short = asyncio.Event()
+        draining = asyncio.create_task(server.drain(60, cut_short=cut_short))
+        await watch.reaches(NOT_SERVING)
+        assert await answer(pb_grpc.QuestionAnsweringServiceStub(channel)) == "tiny"
+        cut_short.set()
+        await asyncio.wait_for(draining, 10)
+        await asyncio.wait_for(server.stop(), 30)
+        await asyncio.wait_for(watch.task, 10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await answer(pb_grpc.QuestionAnsweringServiceStub(channel))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -10,13 +10,12 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from prometheus_client import CollectorRegistry
 
-from qaserve.server import QAServer, create_server
+from qaserve.server import QAServer
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import tiny_settings
+from qaserve_testing import in_process_server, tiny_settings
 
 LONG = " ".join(f"Line {i}: the river number {i} flows into lake {i % 7} near the town of Ålesund." for i in range(80))
 SHORT = "France is a country in Western Europe. Its capital is Paris."
@@ -25,14 +24,12 @@ STREAM_BOUND = 8
 
 @pytest.fixture(scope="module")
 async def server(tiny_model_dir: Path) -> AsyncIterator[tuple[QAServer, pb_grpc.QuestionAnsweringServiceStub]]:
-    qa_server, port = create_server(
-        tiny_settings(tiny_model_dir, stream_max_in_flight=STREAM_BOUND, max_batch_windows=4),
-        registry=CollectorRegistry(),
-    )
-    await qa_server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    settings = tiny_settings(tiny_model_dir, stream_max_in_flight=STREAM_BOUND, max_batch_windows=4)
+    async with (
+        in_process_server(settings) as qa_server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{qa_server.port}") as channel,
+    ):
         yield qa_server, pb_grpc.QuestionAnsweringServiceStub(channel)
-    await qa_server.stop()
 
 
 def qa_server_target(qa_server: QAServer) -> str:

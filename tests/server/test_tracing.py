@@ -21,15 +21,14 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from prometheus_client import CollectorRegistry
 
 from qaserve.logs import configure_logging
-from qaserve.server import QAServer, create_server
+from qaserve.server import QAServer
 from qaserve.tracing import Tracing, tracing_from_environment
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, start_qaserve, tiny_settings
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, in_process_server, start_qaserve, tiny_settings
 
 PATIENCE = 30.0
 ANSWER = "/qaserve.v1.QuestionAnsweringService/Answer"
@@ -49,12 +48,8 @@ async def traced_server(tiny_model_dir: Path, exporter: InMemorySpanExporter) ->
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing = Tracing(provider)
-    server, _ = create_server(
-        tiny_settings(tiny_model_dir, response_cache_bytes=0), registry=CollectorRegistry(), tracing=tracing
-    )
-    await server.start()
-    yield server
-    await server.stop()
+    async with in_process_server(tiny_settings(tiny_model_dir, response_cache_bytes=0), tracing) as server:
+        yield server
     tracing.shutdown()
 
 
