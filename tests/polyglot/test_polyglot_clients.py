@@ -13,12 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from qaserve.config import EMBEDDED_MODEL
-from qaserve.server import create_server
 
-from qaserve_testing import tiny_settings
+from qaserve_testing import in_process_server, tiny_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,10 +26,8 @@ Make = Callable[[str], Awaitable[str]]
 @pytest.fixture(scope="session")
 async def embedded_target() -> AsyncIterator[str]:
     """host:port of a real grpc.aio qaserve serving the embedded model under its directory name."""
-    server, port = create_server(tiny_settings(EMBEDDED_MODEL, model_name=""), registry=CollectorRegistry())
-    await server.start()
-    yield f"127.0.0.1:{port}"
-    await server.stop()
+    async with in_process_server(tiny_settings(EMBEDDED_MODEL, model_name="")) as server:
+        yield f"127.0.0.1:{server.port}"
 
 
 def require(*tools: str) -> None:
