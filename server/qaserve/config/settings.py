@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     metrics_host: str = Field("", description="address of Prometheus /metrics (default: --host)")
     metrics_port: Port = Field(9464, description="Prometheus /metrics HTTP port (0 turns it off)")
     backend: Backend = Field(
-        "auto", json_schema_extra=BACKENDS_ALLOWED, description="inference framework; auto: onnx where a model "
-        "directory holds model.onnx and the device is cpu, torch otherwise"
+        "auto", description="inference framework; auto: onnx where a model directory holds model.onnx and the device "
+        "is cpu, torch otherwise"
     )  # fmt: skip
     device: Device = Field(
         "auto", description="auto picks cuda, then mps, then cpu; cuda uses every visible GPU, cuda:N one of them"
