@@ -1,9 +1,11 @@
 # syntax=docker/dockerfile:1
 # The qaserve image, built from an image context that `make docker` (or `make release`, for both devices) writes:
 # this file, the two wheels of VERSION, constraints.txt (every dependency's exact version) and the embedded model.
-# DEVICE=cpu: ONNX Runtime, no torch; DEVICE=cuda: the server's [torch] extra on CUDA torch (run with --gpus all).
+# DEVICE=cpu: ONNX Runtime, no torch; DEVICE=cuda: torch and ONNX Runtime on CUDA (run with --gpus all).
 # A build stage installs the wheels and their pinned dependencies into a virtual environment; the final stage holds
 # that environment and the embedded model (with its int8 model.onnx), nothing to build with, as an unprivileged user.
+# The export target (`make docker-export`) is `qaserve export` on CPU torch instead: it turns a checkpoint into the
+# ONNX directory the CPU image serves (docs/models.md, deploy/k8s/components/model-export).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # cpu or cuda: picks the base stage below, and whether torch is installed at all. The image context sets the
@@ -11,23 +13,18 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG DEVICE=cpu
 ARG VERSION=unknown
 ARG REVISION=unknown
+ARG TORCH_VERSION=2.13.0
 
 FROM ${PYTHON_IMAGE} AS base-cpu
 
 FROM ${PYTHON_IMAGE} AS base-cuda
-# The CUDA runtime libraries come with the CUDA torch wheel (its nvidia-* dependencies); the NVIDIA container
-# toolkit mounts the host's driver into containers that ask for it with these.
+# The CUDA runtime libraries come with the CUDA torch wheel and onnxruntime-gpu (their nvidia-* dependencies); the
+# NVIDIA container toolkit mounts the host's driver into containers that ask for it with these.
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-# base-cpu or base-cuda, stages above (tagged there), which hadolint cannot resolve.
-# hadolint ignore=DL3006
-FROM base-${DEVICE} AS build
-ARG DEVICE
-ARG VERSION
-ARG TORCH_VERSION=2.13.0
-# The PyTorch wheel index a CUDA build takes torch from: cu126, cu128, ... (one that offers TORCH_VERSION).
-ARG CUDA_WHEEL=cu128
+# The wheels and an empty virtual environment, for the build stages below.
+FROM ${PYTHON_IMAGE} AS wheels
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
@@ -36,19 +33,52 @@ RUN python -m venv /opt/qaserve/venv
 WORKDIR /src
 COPY constraints.txt ./
 COPY wheels/ wheels/
-# CPU: the server without extras; the embedded model serves on ONNX Runtime (its model.onnx), so no torch.
-# CUDA: torch alone from the PyTorch index's CUDA wheels, then the server's [torch] extra; pip installs torch's
-# own dependencies (the CUDA runtime libraries) from PyPI. Everything else at the versions constraints.txt pins.
+
+FROM wheels AS build
+ARG DEVICE
+ARG VERSION
+ARG TORCH_VERSION
+# The PyTorch wheel index a CUDA build takes torch from: cu130, cu128, ... (one that offers TORCH_VERSION). cu130
+# is the CUDA 13 that onnxruntime-gpu 1.31 loads, so both use one set of CUDA libraries.
+ARG CUDA_WHEEL=cu130
+# CPU: the server's [cpu] extra, ONNX Runtime; the embedded model serves on its model.onnx, so no torch.
+# CUDA: torch alone from the PyTorch index's CUDA wheels, then the server's [torch,cuda] extras (onnxruntime-gpu
+# with the CUDA and cuDNN libraries it loads); pip installs torch's own dependencies (the CUDA runtime libraries)
+# from PyPI. Everything else at the versions constraints.txt pins.
 RUN client="wheels/qaserve_client-${VERSION}-py3-none-any.whl" server="wheels/qaserve-${VERSION}-py3-none-any.whl" \
     && if [ "${DEVICE}" = "cuda" ]; then \
         /opt/qaserve/venv/bin/pip install --no-deps --index-url "https://download.pytorch.org/whl/${CUDA_WHEEL}" \
             "torch==${TORCH_VERSION}" \
-        && /opt/qaserve/venv/bin/pip install --constraint constraints.txt "${client}" "${server}[torch]"; \
+        && /opt/qaserve/venv/bin/pip install --constraint constraints.txt "${client}" "${server}[torch,cuda]"; \
     else \
-        /opt/qaserve/venv/bin/pip install --constraint constraints.txt "${client}" "${server}"; \
+        /opt/qaserve/venv/bin/pip install --constraint constraints.txt "${client}" "${server}[cpu]"; \
     fi \
     && /opt/qaserve/venv/bin/pip uninstall --yes pip \
     && find /opt/qaserve/venv -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# `qaserve export` needs torch but no GPU: torch from the PyTorch index's CPU wheels (without the CUDA libraries
+# PyPI's torch brings), then the server's [cpu,torch] extras.
+FROM wheels AS export-build
+ARG VERSION
+ARG TORCH_VERSION
+RUN /opt/qaserve/venv/bin/pip install --no-deps --index-url https://download.pytorch.org/whl/cpu \
+        "torch==${TORCH_VERSION}" \
+    && /opt/qaserve/venv/bin/pip install --constraint constraints.txt \
+        "wheels/qaserve_client-${VERSION}-py3-none-any.whl" "wheels/qaserve-${VERSION}-py3-none-any.whl[cpu,torch]" \
+    && /opt/qaserve/venv/bin/pip uninstall --yes pip \
+    && find /opt/qaserve/venv -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# The export target, qaserve:VERSION-export, as an unprivileged user: `docker run --rm -v "$PWD:/work"
+# qaserve:VERSION-export /work/CHECKPOINT /work/OUT --quantize int8`; a hub id downloads into /tmp/huggingface.
+FROM ${PYTHON_IMAGE} AS export
+COPY --from=export-build /opt/qaserve/venv /opt/qaserve/venv
+ENV PATH=/opt/qaserve/venv/bin:${PATH} \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/tmp/huggingface
+WORKDIR /tmp
+USER 10001:10001
+ENTRYPOINT ["qaserve", "export"]
 
 # base-cpu or base-cuda, stages above (tagged there), which hadolint cannot resolve.
 # hadolint ignore=DL3006

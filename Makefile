@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+SERVE_STAMP := $(VENV)/.installed-serve
 STAMP := $(VENV)/.installed
 PROTO_SRC := protos/qaserve/v1
 PROTO_PKG := client/qaserve_client/v1
@@ -9,16 +10,23 @@ GO_PKG := client/go/qaserve/v1
 ARGS ?=
 
 .PHONY: install prometheus node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker \
-	wheels image-context release deploy-check bench accuracy \
+	docker-export wheels image-context release deploy-check bench accuracy \
 	parity reliability clean
 
 install: $(STAMP)
 
-$(STAMP): constraints.txt requirements-dev.txt client/pyproject.toml server/pyproject.toml VERSION
+# What serving the embedded model needs (`make run`): the server on ONNX Runtime for the CPU, no torch. Everything
+# else (make install, test, lint, ...) adds the torch extra (the torch backend, `qaserve export`) and the
+# development tools to the same environment.
+$(SERVE_STAMP): constraints.txt client/pyproject.toml server/pyproject.toml VERSION
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ./client -e './server[cpu]'
+	touch $@
+
+$(STAMP): $(SERVE_STAMP) requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt \
-		-e ./client -e './server[torch]' -r requirements-dev.txt
-	touch $(STAMP)
+		-e ./client -e './server[cpu,torch]' -r requirements-dev.txt
+	touch $@
 
 # The Node.js client's packages (client/node), exactly as locked. `make test` installs them where npm exists.
 NODE_DEPS := client/node/node_modules/.package-lock.json
@@ -164,7 +172,7 @@ client-examples: client-deps client-go client-cpp
 layers: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 
-run: $(STAMP)
+run: $(SERVE_STAMP)
 	$(BIN)/qaserve serve $(ARGS)
 
 test: $(STAMP) $(if $(shell command -v npm),$(NODE_DEPS))
@@ -176,13 +184,15 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # The image (needs a Docker engine; CI lints the Dockerfile instead). DEVICE=cpu (default): no torch, the onnx
-# backend serves the embedded model's model.onnx; tagged qaserve:VERSION. DEVICE=cuda: the server's [torch] extra on
-# CUDA torch, CUDA_WHEEL picking the PyTorch wheel index (cu126, cu128, ...); tagged qaserve:VERSION-cuda, the tag
-# deploy/k8s/components/gpu runs. VERSION (the file) is the one version of the wheels, images and manifests.
+# backend serves the embedded model's model.onnx; tagged qaserve:VERSION. DEVICE=cuda: the server's [torch,cuda]
+# extras on CUDA torch, CUDA_WHEEL picking the PyTorch wheel index (cu130, cu128, ...); tagged qaserve:VERSION-cuda,
+# the tag deploy/k8s/components/gpu runs. docker-export: the Dockerfile's export target, `qaserve export` on CPU
+# torch, tagged qaserve:VERSION-export (deploy/k8s/components/model-export runs it). VERSION (the file) is the one
+# version of the wheels, images and manifests.
 VERSION := $(shell cat VERSION)
 REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 DEVICE ?= cpu
-CUDA_WHEEL ?= cu128
+CUDA_WHEEL ?= cu130
 IMAGE ?= qaserve:$(VERSION)$(if $(filter cuda,$(DEVICE)),-cuda)
 DIST ?= dist
 CONTEXT = build/image-$(DEVICE)
@@ -190,6 +200,9 @@ WHEELS = $(DIST)/qaserve_client-$(VERSION)-py3-none-any.whl $(DIST)/qaserve-$(VE
 
 docker: image-context
 	docker build --build-arg CUDA_WHEEL=$(CUDA_WHEEL) -t $(IMAGE) $(CONTEXT)
+
+docker-export: image-context
+	docker build --target export -t qaserve:$(VERSION)-export $(CONTEXT)
 
 # Both distributions' wheels, of VERSION, in DIST.
 wheels: $(STAMP)

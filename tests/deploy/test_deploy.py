@@ -229,13 +229,13 @@ def test_dockerfile_final_stage_is_unprivileged_and_self_contained() -> None:
     assert model is not None and (ROOT / model.group(1) / "config.json").is_file()
 
 
-def test_dockerfile_installs_torch_only_for_cuda() -> None:
+def test_dockerfile_installs_torch_only_for_cuda_and_onnxruntime_of_the_device() -> None:
     text = (ROOT / "Dockerfile").read_text()
     install = re.search(r'if \[ "\$\{DEVICE\}" = "cuda" \]; then(.*?)else(.*?)fi', text, re.DOTALL)
     assert install is not None
     cuda, cpu = install.groups()
-    assert "torch==" in cuda and '"${server}[torch]"' in cuda
-    assert "torch" not in cpu and '"${client}" "${server}";' in cpu
+    assert "torch==" in cuda and '"${server}[torch,cuda]"' in cuda
+    assert "torch" not in cpu and '"${client}" "${server}[cpu]";' in cpu
 
 
 def test_rule_check_rejects_a_rule_promtool_refuses(rendered: dict[str, list[Any]]) -> None:
@@ -290,3 +290,15 @@ def test_network_policy_lets_only_prometheus_reach_metrics(rendered: dict[str, l
     new_port = copy.deepcopy(guarded)
     _container(new_port)["ports"].append({"name": "http", "containerPort": 8080, "protocol": "TCP"})
     assert any("container port http admits no one" in p for p in check.consistency_problems(new_port))
+
+
+def test_dockerfile_export_target_runs_qaserve_export_on_cpu_torch() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = dict(re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", text, re.MULTILINE | re.DOTALL))
+    assert "download.pytorch.org/whl/cpu" in stages["export-build"]
+    assert '"wheels/qaserve-${VERSION}-py3-none-any.whl[cpu,torch]"' in stages["export-build"]
+    export = stages["export"]
+    assert "COPY --from=export-build /opt/qaserve/venv /opt/qaserve/venv" in export
+    assert re.search(r'^ENTRYPOINT \["qaserve", "export"\]$', export, re.MULTILINE)
+    assert re.search(r"^USER 10001:10001$", export, re.MULTILINE)
+    assert not re.search(r"pip install", export)
