@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from qaserve_testing import SEED_CONTEXT, SEED_QUESTION
 
@@ -130,3 +131,25 @@ def test_client_wheel_alone_answers_without_torch(
     answer = json.loads(asked.stdout)["answers"][0]
     assert answer["answer"] == "Paris"
     assert SEED_CONTEXT[answer["start"] : answer["end"]] == "Paris"
+
+
+def _requires(wheel: Path) -> dict[str, set[str]]:
+    """The wheel's dependencies by extra ("" for the base install): distribution names only."""
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = archive.read(metadata).decode().splitlines()
+    found: dict[str, set[str]] = {}
+    for line in lines:
+        if line.startswith("Requires-Dist: "):
+            requirement = Requirement(line.removeprefix("Requires-Dist: "))
+            extra = re.search(r'extra == "([^"]+)"', str(requirement.marker or ""))
+            found.setdefault(extra.group(1) if extra else "", set()).add(requirement.name)
+    return found
+
+
+def test_onnx_runtime_builds_are_alternative_extras_and_torch_is_optional(wheels: dict[str, Path]) -> None:
+    requires = _requires(wheels["qaserve"])
+    assert not requires[""] & {"torch", "onnxruntime", "onnxruntime-gpu"}
+    assert "onnxruntime" in requires["cpu"] and "onnxruntime-gpu" not in requires["cpu"]
+    assert "onnxruntime-gpu" in requires["cuda"] and "onnxruntime" not in requires["cuda"]
+    assert "torch" in requires["torch"] and not requires["torch"] & {"onnxruntime", "onnxruntime-gpu"}
