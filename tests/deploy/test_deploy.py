@@ -302,3 +302,19 @@ def test_dockerfile_export_target_runs_qaserve_export_on_cpu_torch() -> None:
     assert re.search(r'^ENTRYPOINT \["qaserve", "export"\]$', export, re.MULTILINE)
     assert re.search(r"^USER 10001:10001$", export, re.MULTILINE)
     assert not re.search(r"pip install", export)
+
+
+def test_the_deployment_guide_applies_rendered_targets_and_creates_the_secrets_they_mount(
+    rendered: dict[str, list[Any]],
+) -> None:
+    text = (ROOT / "docs/deployment.md").read_text()
+    directories = {directory.resolve() for directory, components in check.targets().values() if not components}
+    applied = re.findall(r"kubectl (?:apply -k|kustomize) (\S+)", text)
+    assert applied and all((ROOT / path).resolve() in directories for path in applied), applied
+    volumes = _doc(rendered["overlays/registry"], "Deployment")["spec"]["template"]["spec"]["volumes"]
+    mounted = {v["secret"]["secretName"]: v["secret"].get("items", []) for v in volumes if "secret" in v}
+    assert set(re.findall(r"kubectl create secret \S+ (\S+)", text)) == set(mounted)
+    for item in mounted["qaserve-auth"]:
+        assert f"--from-file={item['key']}=" in text
+    components = {p.name for p in (ROOT / "deploy/k8s/components").iterdir()}
+    assert set(re.findall(r"`components/([\w-]+)`", text)) == components
