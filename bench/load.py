@@ -51,8 +51,6 @@ from bench.bare import percentile
 from bench.drive import Connection, Measured, closed_loop, open_loop, requests_of, stubs
 from bench.evaldata import SQUAD_DEV, Question, load_questions
 
-from qaserve_testing import wait_serving  # the tests' module (make bench puts tests/ on the path)
-
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "models" / "minilm-l6-squadshifts"
 BARE = Path(__file__).resolve().with_name("bare.py")
@@ -156,6 +154,9 @@ class ServerProcess:
         return self.log.read()[-3000:]
 
     async def ready(self, limit: float = 300.0) -> None:
+        # The tests' module (make bench puts tests/ on the path); --target runs start no server and need no tests/.
+        from qaserve_testing import wait_serving
+
         async with grpc.aio.insecure_channel(self.target) as channel:
             await wait_serving(
                 channel, self.proc, limit, output=lambda: f"{shlex.join(self.command)}:\n{self.output()}"
@@ -264,6 +265,14 @@ def write_plot(rows: list[Row], path: Path, title: str) -> None:
     pyplot.close(figure)
 
 
+def kept_up(rows: list[Row]) -> str:
+    """The highest offered rate answered in full (95% of it per second, no errors): where saturation begins."""
+    kept = [r.offered for r in rows if r.offered is not None and r.qps >= 0.95 * r.offered and not r.errors]
+    if not kept:
+        return "- kept up with none of the offered rates"
+    return f"- kept up with {max(kept):g} q/s offered (answered 95% or more of it, no errors)"
+
+
 def target_main(args: argparse.Namespace, argv: Sequence[str], workload: list[tuple[str, str]]) -> int:
     rows = asyncio.run(target_rows(args, workload))
     errors = sum(sum(row.errors.values()) for row in rows)
@@ -278,6 +287,7 @@ def target_main(args: argparse.Namespace, argv: Sequence[str], workload: list[tu
         "",
         *target_table(rows),
         "",
+        *([kept_up(rows)] if args.rate else []),
         f"- errors: {errors}",
     ]
     if args.rate and args.plot:

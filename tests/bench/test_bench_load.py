@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ from bench.load import Row
 
 from qaserve_testing import SEED_CONTEXT, SEED_QUESTION
 
+ROOT = Path(__file__).resolve().parents[2]
 # What a user's own script would import: the frameworks, the tokenizer's library, numpy and the standard library.
 BARE_MAY_IMPORT = {"__future__", "argparse", "collections", "json", "sys", "time", "typing"} | {
     "numpy", "onnxruntime", "torch", "transformers",
@@ -132,7 +134,11 @@ def test_bench_drives_a_server_started_elsewhere_open_loop_with_a_token(
         asyncio.run(server.ready())
         argv = ["--target", server.target, "--rate", "4,8", "--seconds", "1", "--warmup", "0.2", "--channels", "2"]
         argv += ["--data", str(data), "--stride", "1", "--plot", str(tmp_path / "load.png")]
-        assert load.main([*argv, "--token-file", str(tmp_path / "token"), "--markdown", str(tmp_path / "ok.md")]) == 0
+        # As a user runs it: its own process, from the repository, nothing but the repository on the path.
+        command = [sys.executable, "-m", "bench.load", *argv, "--token-file", str(tmp_path / "token")]
+        done = subprocess.run([*command, "--markdown", str(tmp_path / "ok.md")], cwd=ROOT, env=load.clean_env(),
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
         assert load.main([*argv, "--token-file", str(tmp_path / "wrong"), "--markdown", str(tmp_path / "no.md")]) == 1
     finally:
         server.stop()
@@ -142,5 +148,6 @@ def test_bench_drives_a_server_started_elsewhere_open_loop_with_a_token(
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines() if "| open loop" in line]
     assert [row[2] for row in rows] == ["4", "8"]  # offered q/s
     assert all(float(row[4]) > 0 and row[8] == "0" for row in rows)  # answered q/s, errors
+    assert "- kept up with " in text
     assert (tmp_path / "load.png").read_bytes().startswith(b"\x89PNG")
     assert "UNAUTHENTICATED" in (tmp_path / "no.md").read_text()

@@ -3,40 +3,33 @@ promtool checks the alert rules and runs their unit tests (tests/deploy/alert_ru
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
 from qaserve.config import EMBEDDED_MODEL
 from qaserve_client import QAClient, QAServeError
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, free_port
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, eventually, free_port, start_qaserve, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "deploy"))
 import monitoring  # noqa: E402  (deploy/monitoring.py)
 
 LOAD_SECONDS = 6.0
-
-
-def _eventually(probe: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not probe():
-        assert time.monotonic() < deadline, f"{what} within {seconds:.0f} s"
-        time.sleep(0.25)
 
 
 def _rules_file(directory: Path) -> Path:
@@ -48,7 +41,7 @@ def _rules_file(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qaserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+async def qaserve(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[str, int]]:
     """`qaserve serve` with the embedded model twice: preloaded, and loaded on first use. Yields (target, metrics)."""
     directory = tmp_path_factory.mktemp("qaserve")
     models = directory / "models.toml"
@@ -58,33 +51,22 @@ def qaserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int
         encoding="utf-8",
     )
     port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [Path(sys.executable).parent / "qaserve", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--metrics-port", str(metrics_port), "--models-config", str(models)],
-        env={k: v for k, v in os.environ.items() if not k.startswith("QASERVE_")},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    process = await start_qaserve(
+        "serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+        "--models-config", str(models),
     )  # fmt: skip
     target = f"127.0.0.1:{port}"
     try:
-        with QAClient(target) as client:
-
-            def serving() -> bool:
-                assert process.poll() is None, "qaserve serve exited"
-                try:
-                    return client.health(timeout=1) == "SERVING"
-                except QAServeError:
-                    return False
-
-            _eventually(serving, 120, "qaserve reports SERVING")
+        async with grpc.aio.insecure_channel(target) as channel:
+            await wait_serving(channel, process, 120)
         yield target, metrics_port
     finally:
         process.terminate()
-        process.wait(timeout=60)
+        await process.wait()
 
 
 @pytest.fixture(scope="module")
-def prometheus(qaserve: tuple[str, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+async def prometheus(qaserve: tuple[str, int], tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
     """A Prometheus scraping qaserve every second, with the alert rules loaded. Yields its base URL."""
     binary = shutil.which("prometheus")
     assert binary is not None, monitoring.PROMETHEUS_MISSING
@@ -96,23 +78,21 @@ def prometheus(qaserve: tuple[str, int], tmp_path_factory: pytest.TempPathFactor
     }
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
     address = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen(
-        [binary, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
-         f"--web.listen-address={address}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    process = await asyncio.create_subprocess_exec(
+        binary, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
+        f"--web.listen-address={address}", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://{address}"
     try:
-        _eventually(lambda: _ready(url, process), 60, "Prometheus is ready")
+        await eventually(lambda: _ready(url, process), "Prometheus to be ready", 60, every=0.25)
         yield url
     finally:
         process.terminate()
-        process.wait(timeout=60)
+        await process.wait()
 
 
-def _ready(url: str, process: subprocess.Popen[bytes]) -> bool:
-    assert process.poll() is None, "prometheus exited"
+def _ready(url: str, process: asyncio.subprocess.Process) -> bool:
+    assert process.returncode is None, "prometheus exited"
     try:
         with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
             return bool(response.status == 200)
@@ -137,11 +117,11 @@ def _query(url: str, expr: str) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def loaded(qaserve: tuple[str, int], prometheus: str) -> str:
+async def loaded(qaserve: tuple[str, int], prometheus: str) -> str:
     """Once Prometheus scrapes qaserve, runs the load (4 callers, both models, every tenth question blank, every
     third a repeat the response cache answers), then waits until Prometheus has scraped all of it."""
     target = qaserve[0]
-    _eventually(lambda: _query(prometheus, 'up{job="qaserve"}') != {}, 30, "Prometheus scrapes qaserve")
+    await eventually(lambda: _query(prometheus, 'up{job="qaserve"}') != {}, "a scrape of qaserve", 30, every=0.25)
 
     def caller(index: int) -> int:
         sent = 0
@@ -158,10 +138,15 @@ def loaded(qaserve: tuple[str, int], prometheus: str) -> str:
                 client.answer(question, SEED_CONTEXT, model=model)
         return sent
 
-    with ThreadPoolExecutor(4) as pool:
-        sent = sum(pool.map(caller, range(4)))
+    def load() -> int:
+        with ThreadPoolExecutor(4) as pool:
+            return sum(pool.map(caller, range(4)))
+
+    sent = await asyncio.to_thread(load)
     counted = 'sum(qaserve_request_duration_seconds_count{method="Answer"})'
-    _eventually(lambda: _query(prometheus, counted).get("{}") == sent, 30, f"Prometheus counts all {sent} requests")
+    await eventually(
+        lambda: _query(prometheus, counted).get("{}") == sent, f"all {sent} requests counted", 30, every=0.25
+    )
     return prometheus
 
 
