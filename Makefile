@@ -25,7 +25,7 @@ $(SERVE_STAMP): constraints.txt client/pyproject.toml server/pyproject.toml VERS
 
 $(STAMP): $(SERVE_STAMP) requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt \
-		-e ./client -e './server[cpu,torch]' -r requirements-dev.txt
+		-e './client[haystack]' -e './server[cpu,torch]' -r requirements-dev.txt
 	touch $@
 
 # The Node.js client's packages (client/node), exactly as locked. `make test` installs them where npm exists.

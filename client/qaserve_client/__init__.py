@@ -6,8 +6,17 @@ from qaserve_client.client import CLIENT_TIMEOUT, DEFAULT_TARGET, DEFAULT_TIMEOU
 from qaserve_client.errors import REQUEST_ID_KEY, QAServeError
 from qaserve_client.items import ManyItem
 from qaserve_client.models import ModelInfo
-from qaserve_client.options import AnswerOptions, AnswerOptionsFields
-from qaserve_client.results import Answer, AnswerResult, ManyResult, ModelRef, Progress, ServerTiming
+from qaserve_client.options import AnswerOptions, AnswerOptionsFields, Passage, ReadOptions, ReadOptionsFields
+from qaserve_client.results import (
+    Answer,
+    AnswerResult,
+    ManyResult,
+    ModelRef,
+    PassageAnswer,
+    Progress,
+    ReadResult,
+    ServerTiming,
+)
 
 __all__ = [
     "CLIENT_TIMEOUT",
@@ -23,9 +32,14 @@ __all__ = [
     "ManyResult",
     "ModelInfo",
     "ModelRef",
+    "Passage",
+    "PassageAnswer",
     "Progress",
     "QAClient",
     "QAServeError",
+    "ReadOptions",
+    "ReadOptionsFields",
+    "ReadResult",
     "ServerTiming",
     "__version__",
     "create_aio_channel",

@@ -1,4 +1,5 @@
-"""The qaserve-client command line: ask a question, answer a JSONL file of questions, check health, manage models."""
+"""The qaserve-client command line: ask a question, read passages, answer a JSONL file of questions, check health,
+manage models."""
 
 from __future__ import annotations
 
@@ -25,8 +26,15 @@ from qaserve_client.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, QAClient
 from qaserve_client.errors import QAServeError
 from qaserve_client.items import ManyItem
 from qaserve_client.models import LOAD_TIMEOUT
-from qaserve_client.options import OPTION_NAMES, AnswerOptions, options_of_request
-from qaserve_client.results import AnswerResult, ManyResult, Progress
+from qaserve_client.options import (
+    OPTION_NAMES,
+    READ_OPTION_NAMES,
+    AnswerOptions,
+    DecodingOptions,
+    ReadOptions,
+    options_of_request,
+)
+from qaserve_client.results import Answer, ManyResult, PassageAnswer, Progress, ReadResult
 from qaserve_client.v1 import question_answering_pb2 as pb
 
 EXIT_OK = 0
@@ -151,7 +159,8 @@ def _header(text: str) -> tuple[str, str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qaserve-client",
-        description="Ask a qaserve server a question or a file of questions, check its health, manage its models.",
+        description="Ask a qaserve server a question or a file of questions, read passages for a question, check "
+        "its health, manage its models.",
         epilog=_exit_codes_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -199,13 +208,31 @@ def _parser() -> argparse.ArgumentParser:
     context = ask.add_mutually_exclusive_group(required=True)
     context.add_argument("--context", help="the text to find the answer in")
     context.add_argument("--context-file", metavar="FILE", help="read the context from FILE (UTF-8); - for stdin")
-    _add_option_flags(ask)
+    _add_option_flags(ask, AnswerOptions, "answer options")
     ask.add_argument(
         "--stream",
         action="store_true",
         help="print the best answer so far as each group of windows is scored, then the result "
         '(with --json: one JSON object per line, {"partial": ...} then {"final": ...})',
     )
+
+    read = commands.add_parser(
+        "read",
+        parents=[common],
+        help="find the best answers to a question across several passages (a retrieval pipeline's reader)",
+        description="Reads every --passage for --question in one call and prints the best answers across them, "
+        "each with the index (from 0) of its passage. Calibrated scores (the default) compare across passages.",
+    )
+    read.set_defaults(run=_read)
+    read.add_argument("--question", required=True, help="the question")
+    read.add_argument(
+        "--passage",
+        action="append",
+        required=True,
+        metavar="TEXT",
+        help="a passage to read; repeat the flag for each passage, in order",
+    )
+    _add_option_flags(read, ReadOptions, "read options")
 
     batch = commands.add_parser(
         "batch",
@@ -242,13 +269,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_option_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per AnswerOptions field: --top-k for top_k; unset flags leave the server's defaults."""
-    group = parser.add_argument_group("answer options", "Options left out take the server's defaults.")
-    hints = typing.get_type_hints(AnswerOptions)
-    for field in dataclasses.fields(AnswerOptions):
+def _add_option_flags(parser: argparse.ArgumentParser, kind: type[DecodingOptions], title: str) -> None:
+    """One flag per field of `kind` (AnswerOptions, ReadOptions): --top-k for top_k; unset flags leave the
+    server's defaults."""
+    group = parser.add_argument_group(title, "Options left out take the server's defaults.")
+    hints = typing.get_type_hints(kind)
+    for field in dataclasses.fields(kind):
         flag = "--" + field.name.replace("_", "-")
         kinds = set(typing.get_args(hints[field.name])) or {hints[field.name]}
+        choices = [k for k in kinds if typing.get_origin(k) is typing.Literal]
         text, metavar = field.metadata["help"], field.metadata["metavar"]
         if kinds == {bool}:
             group.add_argument(flag, action="store_true", help=text)
@@ -256,10 +285,14 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif kinds == {int, types.NoneType}:
             group.add_argument(flag, type=int, metavar=metavar, help=text)
+        elif kinds == {float, types.NoneType}:
+            group.add_argument(flag, type=float, metavar=metavar, help=text)
         elif kinds == {str}:
             group.add_argument(flag, default=field.default, metavar=metavar, help=text)
+        elif len(choices) == 1 and kinds == {*choices, types.NoneType}:
+            group.add_argument(flag, choices=typing.get_args(choices[0]), help=text)
         else:
-            raise TypeError(f"AnswerOptions.{field.name}: no command-line flag for {hints[field.name]}")
+            raise TypeError(f"{kind.__name__}.{field.name}: no command-line flag for {hints[field.name]}")
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -307,7 +340,20 @@ def _ask(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
     if out.as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        _print_table(result)
+        _print_table(result.answers)
+    out.request_id(result.request_id)
+    return EXIT_OK
+
+
+def _read(client: QAClient, args: argparse.Namespace, out: _Output) -> int:
+    options = ReadOptions(**{name: getattr(args, name) for name in READ_OPTION_NAMES})
+    result: ReadResult = client.read(args.question, args.passage, options)
+    if out.as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_table(result.answers)
+        if result.no_answer_score is not None:
+            print(f"no answer: {result.no_answer_score:.4f}")
     out.request_id(result.request_id)
     return EXIT_OK
 
@@ -323,7 +369,7 @@ def _ask_stream(client: QAClient, question: str, context: str, options: AnswerOp
             if out.as_json:
                 out.result({"final": update.to_dict()})
             else:
-                _print_table(update)
+                _print_table(update.answers)
             out.request_id(update.request_id)
     return EXIT_OK
 
@@ -486,13 +532,15 @@ def _progress_line(progress: Progress) -> str:
     return f"[{progress.windows_done}/{progress.windows_total}] best: {text}"
 
 
-def _print_table(result: AnswerResult) -> None:
-    if not result.answers:
+def _print_table(answers: Sequence[Answer | PassageAnswer]) -> None:
+    """Score, span and text of each answer; and its passage, for a read's answers."""
+    if not answers:
         print("no answers")
         return
-    spans = [f"{a.start}-{a.end}" for a in result.answers]
+    spans = [f"{a.start}-{a.end}" for a in answers]
     width = max(len("span"), *(len(span) for span in spans))
-    print(f"{'score':<8}{'span':<{width + 2}}answer")
-    for answer, span in zip(result.answers, spans, strict=True):
+    passages = [f"{a.passage_index:<9}" if isinstance(a, PassageAnswer) else "" for a in answers]
+    print(f"{'score':<8}{'passage  ' if passages[0] else ''}{'span':<{width + 2}}answer")
+    for answer, passage, span in zip(answers, passages, spans, strict=True):
         text = answer.answer if answer.answer else "(no answer)"
-        print(f"{answer.score:<8.4f}{span:<{width + 2}}{text}")
+        print(f"{answer.score:<8.4f}{passage}{span:<{width + 2}}{text}")

@@ -21,12 +21,27 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qaserve_client.channel import create_aio_channel, create_channel
-from qaserve_client.converters import many_request, result_from_many, result_from_response, update_from_progressive
+from qaserve_client.converters import (
+    many_request,
+    result_from_many,
+    result_from_read,
+    result_from_response,
+    update_from_progressive,
+)
 from qaserve_client.errors import QAServeError, error_from_rpc
 from qaserve_client.items import ManyItem
 from qaserve_client.models import LOAD_TIMEOUT, ModelInfo, model_info
-from qaserve_client.options import AnswerOptions, AnswerOptionsFields, answer_request, resolve_options
-from qaserve_client.results import AnswerResult, ManyResult, Progress
+from qaserve_client.options import (
+    AnswerOptions,
+    AnswerOptionsFields,
+    Passage,
+    ReadOptions,
+    ReadOptionsFields,
+    answer_request,
+    read_request,
+    resolve_options,
+)
+from qaserve_client.results import AnswerResult, ManyResult, Progress, ReadResult
 from qaserve_client.v1 import model_service_pb2 as models_pb
 from qaserve_client.v1 import model_service_pb2_grpc as models_pb_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
@@ -63,7 +78,8 @@ def _no_final_answer() -> QAServeError:
 def _progressive_request(
     question: str, context: str, options: AnswerOptions | None, fields: AnswerOptionsFields
 ) -> pb.AnswerProgressiveRequest:
-    return pb.AnswerProgressiveRequest(request=answer_request(question, context, resolve_options(options, fields)))
+    resolved = resolve_options(options, fields, AnswerOptions)
+    return pb.AnswerProgressiveRequest(request=answer_request(question, context, resolved))
 
 
 class _ManyRequests:
@@ -172,8 +188,27 @@ class QAClient(_Client):
         keyword arguments win. An option left None is not sent, and the server applies its documented default.
         `timeout` None uses the client's.
         """
-        request = answer_request(question, context, resolve_options(options, fields))
+        request = answer_request(question, context, resolve_options(options, fields, AnswerOptions))
         return result_from_response(self._unary(self._stub.Answer, request, timeout, metadata))
+
+    def read(
+        self,
+        question: str,
+        passages: Sequence[str | Passage],
+        options: ReadOptions | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        **fields: Unpack[ReadOptionsFields],
+    ) -> ReadResult:
+        """Reads `passages` (texts, or Passage(text, id)) for `question`: the best answers across all of them,
+        highest score first, each naming its passage by index and id.
+
+        `options` and the ReadOptions fields given as keyword arguments (top_k=5, score_mode="pipeline") say
+        how; keyword arguments win. `timeout` None uses the client's.
+        """
+        request = read_request(question, passages, resolve_options(options, fields, ReadOptions))
+        return result_from_read(self._unary(self._stub.Read, request, timeout, metadata))
 
     def answer_progressive(
         self,
@@ -331,8 +366,22 @@ class AsyncQAClient(_Client):
         **fields: Unpack[AnswerOptionsFields],
     ) -> AnswerResult:
         """Answers `question` from `context` with the best spans, highest score first; see QAClient.answer."""
-        request = answer_request(question, context, resolve_options(options, fields))
+        request = answer_request(question, context, resolve_options(options, fields, AnswerOptions))
         return result_from_response(await self._unary(self._stub.Answer, request, timeout, metadata))
+
+    async def read(
+        self,
+        question: str,
+        passages: Sequence[str | Passage],
+        options: ReadOptions | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        metadata: Metadata = (),
+        **fields: Unpack[ReadOptionsFields],
+    ) -> ReadResult:
+        """Reads `passages` for `question`: the best answers across all of them; see QAClient.read."""
+        request = read_request(question, passages, resolve_options(options, fields, ReadOptions))
+        return result_from_read(await self._unary(self._stub.Read, request, timeout, metadata))
 
     async def answer_progressive(
         self,

@@ -9,7 +9,16 @@ import grpc
 from qaserve_client.errors import QAServeError, error_from_status
 from qaserve_client.items import ManyItem
 from qaserve_client.options import answer_request
-from qaserve_client.results import Answer, AnswerResult, ManyResult, ModelRef, Progress, ServerTiming
+from qaserve_client.results import (
+    Answer,
+    AnswerResult,
+    ManyResult,
+    ModelRef,
+    PassageAnswer,
+    Progress,
+    ReadResult,
+    ServerTiming,
+)
 from qaserve_client.v1 import question_answering_pb2 as pb
 
 
@@ -22,22 +31,50 @@ def result_from_response(response: pb.AnswerResponse) -> AnswerResult:
     """Converts an AnswerResponse into an AnswerResult."""
     return AnswerResult(
         answers=_answers(response.answers),
-        model=ModelRef(
-            name=response.model.name,
-            revision=response.model.revision,
-            device=response.model.device,
-            dtype=response.model.dtype,
-        ),
-        timing=ServerTiming(
-            total_seconds=response.timing.total_seconds,
-            tokenize_seconds=response.timing.tokenize_seconds,
-            queue_seconds=response.timing.queue_seconds,
-            forward_seconds=response.timing.forward_seconds,
-            decode_seconds=response.timing.decode_seconds,
-            cached=response.timing.cached,
-        ),
+        model=_model_ref(response.model),
+        timing=_timing(response.timing),
         windows=response.windows,
         request_id=response.request_id,
+    )
+
+
+def result_from_read(response: pb.ReadResponse) -> ReadResult:
+    """Converts a ReadResponse into a ReadResult."""
+    return ReadResult(
+        answers=tuple(
+            PassageAnswer(
+                answer=a.answer,
+                score=a.score,
+                passage_index=a.passage_index,
+                passage_id=a.passage_id,
+                start=a.start,
+                end=a.end,
+                byte_start=a.byte_start,
+                byte_end=a.byte_end,
+            )
+            for a in response.answers
+        ),
+        no_answer_score=response.no_answer_score if response.HasField("no_answer_score") else None,
+        score_mode=pb.ScoreMode.Name(response.score_mode).removeprefix("SCORE_MODE_").lower(),
+        model=_model_ref(response.model),
+        timing=_timing(response.timing),
+        windows=response.windows,
+        request_id=response.request_id,
+    )
+
+
+def _model_ref(model: pb.ModelRef) -> ModelRef:
+    return ModelRef(name=model.name, revision=model.revision, device=model.device, dtype=model.dtype)
+
+
+def _timing(timing: pb.ServerTiming) -> ServerTiming:
+    return ServerTiming(
+        total_seconds=timing.total_seconds,
+        tokenize_seconds=timing.tokenize_seconds,
+        queue_seconds=timing.queue_seconds,
+        forward_seconds=timing.forward_seconds,
+        decode_seconds=timing.decode_seconds,
+        cached=timing.cached,
     )
 
 

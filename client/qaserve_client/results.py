@@ -107,3 +107,48 @@ class ManyResult:
             return {"id": self.id, **self.result.to_dict()}
         error = self.error.to_dict() if self.error is not None else None
         return {"id": self.id, "error": error, "request_id": self.request_id}
+
+
+@dataclass(frozen=True, slots=True)
+class PassageAnswer:
+    """One answer of a read: offsets are half-open, into the passage `passage_index` (0-based) of the request, in
+    code points (start/end) and UTF-8 bytes (byte_*); `passage_id` is that passage's id."""
+
+    answer: str
+    score: float
+    passage_index: int
+    passage_id: str
+    start: int
+    end: int
+    byte_start: int
+    byte_end: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """The answers to one question across passages, best first, with the model, the server's timing and the
+    score mode ("calibrated" or "pipeline") that scored them.
+
+    `no_answer_score` is set when the read asked for it (no_answer=True): calibrated, the probability that none of
+    the top_k answers is right; pipeline, the lowest no-answer probability of any window.
+    """
+
+    answers: tuple[PassageAnswer, ...]
+    no_answer_score: float | None
+    score_mode: str
+    model: ModelRef
+    timing: ServerTiming
+    windows: int
+    request_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {
+            "answers": [dataclasses.asdict(answer) for answer in self.answers],
+            "no_answer_score": self.no_answer_score,
+            "score_mode": self.score_mode,
+            "model": dataclasses.asdict(self.model),
+            "timing": dataclasses.asdict(self.timing),
+            "windows": self.windows,
+            "request_id": self.request_id,
+        }

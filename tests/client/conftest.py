@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 
@@ -9,6 +10,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from fake_qaserve import FakeServer, start_fake_server
+
+# Haystack (the QAServeReader tests) sends usage statistics unless this is off when it is first imported.
+os.environ["HAYSTACK_TELEMETRY_ENABLED"] = "False"
 
 
 @pytest.fixture(scope="session")

@@ -40,10 +40,10 @@ def test_unset_options_stay_unset_and_set_ones_round_trip() -> None:
 def test_keyword_arguments_override_the_options_object() -> None:
     base = AnswerOptions(top_k=2, model="tiny")
 
-    assert resolve_options(base, {"top_k": 5}) == AnswerOptions(top_k=5, model="tiny")
-    assert resolve_options(None, {}) == AnswerOptions()
+    assert resolve_options(base, {"top_k": 5}, AnswerOptions) == AnswerOptions(top_k=5, model="tiny")
+    assert resolve_options(None, {}, AnswerOptions) == AnswerOptions()
     with pytest.raises(TypeError, match="topk"):
-        resolve_options(base, {"topk": 5})
+        resolve_options(base, {"topk": 5}, AnswerOptions)
 
 
 def test_options_are_frozen_and_keyword_only() -> None:
