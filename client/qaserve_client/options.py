@@ -43,8 +43,8 @@ class AnswerOptions(DecodingOptions):
     handle_impossible_answer: bool = _option(False, "let the empty answer compete with the spans", "")
 
 
-class AnswerOptionsFields(TypedDict, total=False):
-    """The fields of AnswerOptions as keyword arguments (answer(..., top_k=3)); kept equal to them by a test."""
+class DecodingOptionsFields(TypedDict, total=False):
+    """The fields of DecodingOptions as keyword arguments."""
 
     model: str
     top_k: int | None
@@ -53,6 +53,11 @@ class AnswerOptionsFields(TypedDict, total=False):
     doc_stride: int | None
     max_question_len: int | None
     align_to_words: bool | None
+
+
+class AnswerOptionsFields(DecodingOptionsFields, total=False):
+    """The fields of AnswerOptions as keyword arguments (answer(..., top_k=3)); kept equal to them by a test."""
+
     handle_impossible_answer: bool
 
 
@@ -84,16 +89,9 @@ class ReadOptions(DecodingOptions):
     )
 
 
-class ReadOptionsFields(TypedDict, total=False):
+class ReadOptionsFields(DecodingOptionsFields, total=False):
     """The fields of ReadOptions as keyword arguments (read(..., top_k=3)); kept equal to them by a test."""
 
-    model: str
-    top_k: int | None
-    max_answer_len: int | None
-    max_seq_len: int | None
-    doc_stride: int | None
-    max_question_len: int | None
-    align_to_words: bool | None
     score_mode: Literal["calibrated", "pipeline"] | None
     calibration_factor: float | None
     score_threshold: float | None
