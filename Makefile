@@ -16,8 +16,8 @@ ARGS ?=
 install: $(STAMP)
 
 # What serving the embedded model needs (`make run`): the server on ONNX Runtime for the CPU, no torch. Everything
-# else (make install, test, lint, ...) adds the torch extra (the torch backend, `qaserve export`) and the
-# development tools to the same environment.
+# else (make install, test, lint, ...) adds the torch extra (the torch backend, `qaserve export`), the client's
+# haystack extra (QAServeReader) and the development tools to the same environment.
 $(SERVE_STAMP): constraints.txt client/pyproject.toml server/pyproject.toml VERSION
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ./client -e './server[cpu]'
