@@ -123,8 +123,9 @@ GO_EXAMPLE := build/go/bin/qaserve-example
 need_target = @test -n "$(TARGET)" || { echo "set TARGET=HOST:PORT of a running qaserve"; exit 2; }
 
 # The Debian packages the Go and C++ clients build from (Go 1.19, grpc-go 1.33, protobuf-go 1.28, gRPC C++ 1.51,
-# GoogleTest), Node.js where it is missing, then the Node.js client's npm packages, the buf CLI and the Go protoc
-# plugins (so that `buf generate` works). apt runs only when a package is missing.
+# GoogleTest), Node.js where it is missing, then the Node.js client's npm packages, the buf CLI, the Go protoc
+# plugins and the googleapis protos (after it, `buf build` and `buf generate` work offline). apt runs only when a
+# package is missing.
 # golang-github-golang-protobuf-1-5-dev replaces the 1.3 package that comes by default, which panics on oneof fields.
 CLIENT_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
 	golang-google-genproto-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev cmake g++ \
@@ -136,7 +137,7 @@ client-deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(CLIENT_DEBS); }
 	command -v npm >/dev/null || \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends nodejs npm
-	$(MAKE) --no-print-directory node-deps $(BUF) $(GO_PLUGINS)
+	$(MAKE) --no-print-directory node-deps $(BUF) $(GO_PLUGINS) $(GOOGLEAPIS_PLACED)
 
 client-go: $(GO_LINK)
 	$(call need,go)
