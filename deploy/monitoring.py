@@ -1,6 +1,6 @@
 """The PromQL an operator asks qaserve, in one place: the Grafana dashboard and the alert rules are generated from it.
 
-`python deploy/monitoring.py` writes deploy/grafana/qaserve.json and the PrometheusRule of
+`python deploy/monitoring.py` writes deploy/k8s/components/grafana-dashboard/qaserve.json and the PrometheusRule of
 deploy/k8s/components/alerts; deploy/check.py fails when either differs from what this module generates, and
 tests/deploy/test_prometheus.py runs every query against a real Prometheus scraping a real qaserve.
 """
@@ -26,7 +26,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef
 
 ROOT = Path(__file__).resolve().parents[1]
-DASHBOARD_FILE = ROOT / "deploy" / "grafana" / "qaserve.json"
+DASHBOARD_FILE = ROOT / "deploy" / "k8s" / "components" / "grafana-dashboard" / "qaserve.json"
 RULE_FILE = ROOT / "deploy" / "k8s" / "components" / "alerts" / "prometheusrule.yaml"
 PROMETHEUS_MISSING = "promtool/prometheus not found on PATH: `make prometheus` installs Debian's prometheus package"
 # The window of every rate(): four scrapes at the ServiceMonitor's 15 s interval.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import re
 import shutil
 import sys
@@ -318,3 +319,9 @@ def test_the_deployment_guide_applies_rendered_targets_and_creates_the_secrets_t
         assert f"--from-file={item['key']}=" in text
     components = {p.name for p in (ROOT / "deploy/k8s/components").iterdir()}
     assert set(re.findall(r"`components/([\w-]+)`", text)) == components
+
+
+def test_the_dashboard_component_ships_the_generated_dashboard_to_grafana(rendered: dict[str, list[Any]]) -> None:
+    (config_map,) = [m.doc for m in rendered["overlays/production"] if m.doc["metadata"]["name"] == "qaserve-dashboard"]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["qaserve.json"]) == check.monitoring.dashboard()
