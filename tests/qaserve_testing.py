@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import inspect
+import ipaddress
 import json
 import os
 import socket
@@ -22,6 +24,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import torch
 import transformers
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from tokenizers import ByteLevelBPETokenizer, SentencePieceUnigramTokenizer
@@ -288,3 +294,100 @@ class FakeReplica:
     def close(self) -> None:
         self.release()
         self.executor.shutdown()
+
+
+# -- a test PKI ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path  # a CA that signed nothing here
+    stranger_cert: Path  # a client certificate the other CA signed
+    stranger_key: Path
+
+
+class Authority:
+    """A certificate authority of the tests: a self-signed CA that issues server and client certificates."""
+
+    def __init__(self, name: str) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert = (
+            _builder(self.name, self.name, self.key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def issue(self, directory: Path, name: str, *, server: bool) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = _builder(subject, self.name, key.public_key()).add_extension(
+            x509.BasicConstraints(ca=False, path_length=None), critical=True
+        )
+        if server:
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return cert_path, key_path
+
+    def write(self, path: Path) -> Path:
+        path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: Any) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+
+
+def make_pki(directory: Path) -> Pki:
+    """A test CA with a server certificate (for localhost and 127.0.0.1) and a client certificate, and another CA
+    with a client certificate of its own, written to `directory` as PEM files."""
+    ca, other = Authority("qaserve test CA"), Authority("another CA")
+    server_cert, server_key = ca.issue(directory, "server", server=True)
+    client_cert, client_key = ca.issue(directory, "client", server=False)
+    stranger_cert, stranger_key = other.issue(directory, "stranger", server=False)
+    return Pki(
+        ca=ca.write(directory / "ca.crt"),
+        server_cert=server_cert,
+        server_key=server_key,
+        client_cert=client_cert,
+        client_key=client_key,
+        other_ca=other.write(directory / "other-ca.crt"),
+        stranger_cert=stranger_cert,
+        stranger_key=stranger_key,
+    )

@@ -10,12 +10,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import pytest
 
 from bench import load
 from bench.load import Row
+from qaserve_client import tls_credentials
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, make_pki, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a user's own script would import: the frameworks, the tokenizer's library, numpy and the standard library.
@@ -118,22 +120,30 @@ def test_bench_runs_the_bare_baseline_and_the_default_server_end_to_end(
     assert "- errors: 0" in text
 
 
-def test_bench_drives_a_server_started_elsewhere_open_loop_with_a_token(
+async def _serving_over_tls(target: str, process: subprocess.Popen[str], ca: Path) -> None:
+    async with grpc.aio.secure_channel(target, tls_credentials(ca)) as channel:
+        await wait_serving(channel, process, 120)
+
+
+def test_bench_drives_a_server_started_elsewhere_open_loop_over_tls_with_a_token(
     tiny_model_dir: Path, tmp_path: Path, data: Path
 ) -> None:
-    """--target: no local servers, no baselines; open loop at each --rate over several channels, a bearer token from
-    a file, the table and the plot written; a wrong token shows as UNAUTHENTICATED errors and exit status 1."""
+    """--target: no local servers, no baselines; open loop at each --rate over several channels, TLS checked against
+    a CA file, a bearer token from a file, the table and the plot written; a wrong token shows as UNAUTHENTICATED
+    errors and exit status 1."""
+    pki = make_pki(tmp_path)
     (tmp_path / "tokens").write_text("s3cret\n")
     (tmp_path / "token").write_text("s3cret\n")
     (tmp_path / "wrong").write_text("guess\n")
     qaserve = str(Path(sys.executable).with_name("qaserve"))
+    tls = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
     server = load.ServerProcess(
-        qaserve, tiny_model_dir, "tiny", "auto", True, ["--auth-tokens-file", str(tmp_path / "tokens")]
+        qaserve, tiny_model_dir, "tiny", "auto", True, [*tls, "--auth-tokens-file", str(tmp_path / "tokens")]
     )
     try:
-        asyncio.run(server.ready())
+        asyncio.run(_serving_over_tls(server.target, server.proc, pki.ca))
         argv = ["--target", server.target, "--rate", "4,8", "--seconds", "1", "--warmup", "0.2", "--channels", "2"]
-        argv += ["--data", str(data), "--stride", "1", "--plot", str(tmp_path / "load.png")]
+        argv += ["--ca-file", str(pki.ca), "--data", str(data), "--stride", "1", "--plot", str(tmp_path / "load.png")]
         # As a user runs it: its own process, from the repository, nothing but the repository on the path.
         command = [sys.executable, "-m", "bench.load", *argv, "--token-file", str(tmp_path / "token")]
         done = subprocess.run([*command, "--markdown", str(tmp_path / "ok.md")], cwd=ROOT, env=load.clean_env(),
@@ -144,7 +154,7 @@ def test_bench_drives_a_server_started_elsewhere_open_loop_with_a_token(
         server.stop()
 
     text = (tmp_path / "ok.md").read_text()
-    assert f"against {server.target}" in text and "2 gRPC channels, bearer token" in text
+    assert f"against {server.target}" in text and "2 gRPC channels, TLS, bearer token" in text
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines() if "| open loop" in line]
     assert [row[2] for row in rows] == ["4", "8"]  # offered q/s
     assert all(float(row[4]) > 0 and row[8] == "0" for row in rows)  # answered q/s, errors

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,10 +12,6 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -30,7 +24,16 @@ from qaserve_client.v1 import model_service_pb2, model_service_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, free_port, in_process_server, tiny_settings
+from qaserve_testing import (
+    SEED_CONTEXT,
+    SEED_QUESTION,
+    Authority,
+    Pki,
+    free_port,
+    in_process_server,
+    make_pki,
+    tiny_settings,
+)
 
 CLI = str(Path(sys.executable).with_name("qaserve-client"))
 
@@ -38,96 +41,9 @@ CLI = str(Path(sys.executable).with_name("qaserve-client"))
 # Certificates
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path  # a CA that signed nothing here
-    stranger_cert: Path  # a client certificate the other CA signed
-    stranger_key: Path
-
-
-class _Authority:
-    def __init__(self, name: str) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self.cert = (
-            _builder(self.name, self.name, self.key.public_key())
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-
-    def issue(self, directory: Path, name: str, *, server: bool) -> tuple[Path, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        builder = _builder(subject, self.name, key.public_key()).add_extension(
-            x509.BasicConstraints(ca=False, path_length=None), critical=True
-        )
-        if server:
-            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        cert = builder.sign(self.key, hashes.SHA256())
-        cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        return cert_path, key_path
-
-    def write(self, path: Path) -> Path:
-        path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        return path
-
-
-def _builder(subject: x509.Name, issuer: x509.Name, public_key: Any) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-    )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    ca, other = _Authority("qaserve test CA"), _Authority("another CA")
-    server_cert, server_key = ca.issue(directory, "server", server=True)
-    client_cert, client_key = ca.issue(directory, "client", server=False)
-    stranger_cert, stranger_key = other.issue(directory, "stranger", server=False)
-    return Pki(
-        ca=ca.write(directory / "ca.crt"),
-        server_cert=server_cert,
-        server_key=server_key,
-        client_cert=client_cert,
-        client_key=client_key,
-        other_ca=other.write(directory / "other-ca.crt"),
-        stranger_cert=stranger_cert,
-        stranger_key=stranger_key,
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,7 +130,7 @@ async def test_health_port_stays_plaintext_for_probes(tls_server: tuple[QAServer
 
 
 async def test_rotated_server_certificate_is_used_by_new_connections(tiny_model_dir: Path, tmp_path: Path) -> None:
-    first, second = _Authority("first"), _Authority("second")
+    first, second = Authority("first"), Authority("second")
     cert, key = first.issue(tmp_path, "server", server=True)
     settings = tiny_settings(tiny_model_dir, tls_cert=str(cert), tls_key=str(key))
     async with serving(settings) as (_, target):
