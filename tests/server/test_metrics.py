@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import re
 import socket
 import threading
 import urllib.error
@@ -249,3 +250,20 @@ def test_a_removed_model_leaves_no_state_series() -> None:
         for s in MODEL_STATES
     )
     assert states(metrics, "kept") == one_hot("loading")
+
+
+def test_the_observability_guide_lists_every_qaserve_series() -> None:
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    listed = set()
+    for name in re.findall(r"^\| `(qaserve_[^|]+)\|", guide, re.MULTILINE):
+        for written in re.findall(r"qaserve_[a-z_{},]+", name):
+            head, _, rest = written.partition("{")
+            choices, _, tail = rest.partition("}")
+            listed |= {f"{head}{choice}{tail}" for choice in choices.split(",")} if rest else {written}
+    suffix = {"counter": "_total", "info": "_info"}
+    exported = {
+        family.name + suffix.get(family.type, "")
+        for family in Metrics(CollectorRegistry()).registry.collect()
+        if family.name.startswith("qaserve_")
+    }
+    assert exported == listed
