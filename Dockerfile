@@ -106,7 +106,7 @@ ENV PATH=/opt/qaserve/venv/bin:${PATH} \
 WORKDIR /tmp
 USER 10001:10001
 # gRPC, Prometheus /metrics (9464: 9090 is the Prometheus server's own).
-EXPOSE 50051 9464
+EXPOSE 50051 8080 9464
 # For docker and compose; Kubernetes probes use gRPC health natively (deploy/k8s). Under TLS set QASERVE_CA_FILE
 # (and QASERVE_SERVER_NAME when the certificate does not name localhost) for this check.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \

@@ -9,7 +9,7 @@ PROTO_PKG := client/qaserve_client/v1
 GO_PKG := client/go/qaserve/v1
 ARGS ?=
 
-.PHONY: install prometheus node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker \
+.PHONY: install browser prometheus node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker \
 	docker-export wheels image-context release deploy-check bench accuracy \
 	parity reliability clean
 
@@ -28,13 +28,26 @@ $(STAMP): $(SERVE_STAMP) requirements-dev.txt
 		-e './client[haystack]' -e './server[cpu,torch]' -r requirements-dev.txt
 	touch $@
 
+# Debian's chromium and its WebDriver: the test of the HTTP door's page drives it headless (selenium).
+BROWSER_DEBS := chromium chromium-driver
+
+browser:
+	dpkg -s $(BROWSER_DEBS) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_DEBS); }
+
 # The Node.js client's packages (client/node), exactly as locked. `make test` installs them where npm exists.
 NODE_DEPS := client/node/node_modules/.package-lock.json
+# @huggingface/inference for docs/http.md's JavaScript example (tests/http_node), exactly as locked.
+HTTP_NODE_DEPS := tests/http_node/node_modules/.package-lock.json
 
-node-deps: $(NODE_DEPS)
+node-deps: $(NODE_DEPS) $(HTTP_NODE_DEPS)
 
 $(NODE_DEPS): client/node/package.json client/node/package-lock.json
 	cd client/node && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+$(HTTP_NODE_DEPS): tests/http_node/package.json tests/http_node/package-lock.json
+	cd tests/http_node && npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
 
 # The googleapis protos the contract imports (google/rpc/status.proto) and the error details clients decode
@@ -176,7 +189,7 @@ layers: $(STAMP)
 run: $(SERVE_STAMP)
 	$(BIN)/qaserve serve $(ARGS)
 
-test: $(STAMP) $(if $(shell command -v npm),$(NODE_DEPS))
+test: $(STAMP) $(if $(shell command -v npm),$(NODE_DEPS) $(HTTP_NODE_DEPS))
 	$(BIN)/pytest $(ARGS)
 
 lint: $(STAMP)
@@ -264,5 +277,6 @@ reliability: $(STAMP)
 	PYTHONPATH=tests $(BIN)/python -m reliability $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-hf4 .pytest_cache .mypy_cache .ruff_cache build dist client/node/node_modules tools/buf/node_modules
+	rm -rf $(VENV) .venv-hf4 .pytest_cache .mypy_cache .ruff_cache build dist client/node/node_modules tools/buf/node_modules \
+		tests/http_node/node_modules
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -20,6 +20,10 @@ from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 REQUEST_TIMEOUT = 120.0  # seconds; far above any latency of a healthy run, so a slow row shows as latency
 
 
+class RequestFailed(Exception):
+    """An error answer of a door other than gRPC (bench.doors), by its name in the errors column."""
+
+
 @dataclass(frozen=True)
 class Connection:
     """How to reach a server: its target, TLS (a CA file, or the system's roots), a bearer token, a channel count."""
@@ -75,6 +79,9 @@ async def _call(
         await stub.Answer(request, timeout=REQUEST_TIMEOUT)
     except grpc.aio.AioRpcError as exc:
         errors[exc.code().name] += 1
+        return None
+    except RequestFailed as exc:
+        errors[str(exc)] += 1
         return None
     return time.perf_counter() - since
 

@@ -10,7 +10,10 @@ nearly always). Every row runs the same questions for the same measured seconds,
   qaserve serve --backend torch and --backend onnx, response cache off, each under closed-loop gRPC clients at
        concurrency 1, 8, 32 and 64 (every in-flight slot loops over the workload);
   one row of the default server (--backend auto, response cache on): the workload repeats, so it mostly measures
-       cache hits.
+       cache hits;
+  on the same cache-off servers, the other doors (bench/doors.py): HTTP JSON (POST /v1/answer, keep-alive) at
+       concurrency 1 and 32, and the Open Inference Protocol over gRPC (ModelInfer) at concurrency 1, each compared
+       with the qaserve.v1 gRPC row of its concurrency.
 
 Ratios against (a) on every row (q/s, and p50 difference at concurrency 1), and against (a') on the onnx rows.
 
@@ -48,6 +51,7 @@ from pathlib import Path
 import grpc
 
 from bench.bare import percentile
+from bench.doors import GRPC, HTTP_JSON, V2_GRPC, door
 from bench.drive import Connection, Measured, closed_loop, open_loop, requests_of, stubs
 from bench.evaldata import SQUAD_DEV, Question, load_questions
 
@@ -56,6 +60,7 @@ EMBEDDED = ROOT / "models" / "minilm-l6-squadshifts"
 BARE = Path(__file__).resolve().with_name("bare.py")
 CONCURRENCY = (1, 8, 32, 64)
 CACHE_ROW_CONCURRENCY = 32
+DOOR_CONCURRENCY = {HTTP_JSON: (1, 32), V2_GRPC: (1,)}
 # Variables that change how the frameworks run; the baselines and the servers start without them, as `make run` does
 # in a plain shell.
 CLEAN_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "QASERVE_")
@@ -74,15 +79,25 @@ class Row:
     errors: Counter[str] = field(default_factory=Counter)
     bare: bool = False
     offered: float | None = None  # open loop: the arrival rate, q/s
+    door: str = GRPC
 
     @classmethod
     def of(
-        cls, model: str, label: str, backend: str, concurrency: int, measured: Measured, offered: float | None = None
+        cls,
+        model: str,
+        label: str,
+        backend: str,
+        concurrency: int,
+        measured: Measured,
+        offered: float | None = None,
+        door: str = GRPC,
     ) -> Row:
         """A measured row: percentiles of its latencies in milliseconds."""
         ms = [s * 1e3 for s in measured.latencies] or [float("nan")]
         p50, p95, p99 = (percentile(ms, q) for q in (0.5, 0.95, 0.99))
-        return cls(model, label, backend, concurrency, measured.qps, p50, p95, p99, measured.errors, offered=offered)
+        return cls(
+            model, label, backend, concurrency, measured.qps, p50, p95, p99, measured.errors, offered=offered, door=door
+        )
 
 
 def select_workload(questions: Sequence[Question], stride: int, limit: int | None) -> list[tuple[str, str]]:
@@ -137,9 +152,13 @@ class ServerProcess:
     ) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        http_port = free_port()
+        self.http_url = f"http://127.0.0.1:{http_port}"
+        self.model = name
         self.command = [
             qaserve, "serve", "--model", str(model_dir), "--model-name", name, "--device", "cpu",
             "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0", "--drain-seconds", "0",
+            "--http-port", str(http_port),
         ]  # fmt: skip
         if backend != "auto":  # auto is the default: that row starts the server as `make run` does
             self.command += ["--backend", backend]
@@ -179,6 +198,13 @@ async def _closed_loop(
         return await closed_loop(found, requests_of(workload), concurrency, seconds, warmup)
 
 
+async def _door_loop(
+    server: ServerProcess, name: str, workload: list[tuple[str, str]], concurrency: int, seconds: float, warmup: float
+) -> Measured:
+    async with door(name, server.target, server.http_url, server.model, workload) as (found, requests):
+        return await closed_loop(found, requests, concurrency, seconds, warmup)
+
+
 def server_rows(
     args: argparse.Namespace, model: str, model_dir: Path, workload: list[tuple[str, str]], backend: str, cache: bool
 ) -> list[Row]:
@@ -194,6 +220,13 @@ def server_rows(
             row = Row.of(model, label, backend, concurrency, measured)
             progress(row)
             rows.append(row)
+        doors = DOOR_CONCURRENCY.items() if not cache and args.doors else ()
+        for name, levels in doors:
+            for concurrency in levels:
+                measured = asyncio.run(_door_loop(server, name, workload, concurrency, args.seconds, args.warmup))
+                row = Row.of(model, f"{label}, {name}", backend, concurrency, measured, door=name)
+                progress(row)
+                rows.append(row)
     finally:
         server.stop()
     return rows
@@ -357,10 +390,26 @@ def summary(rows: list[Row], baselines: dict[tuple[str, str], Row]) -> list[str]
     return lines
 
 
+def door_summary(rows: list[Row]) -> list[str]:
+    """One line per other door's row: against the qaserve.v1 gRPC row of the same server and concurrency."""
+    grpc_rows = {(r.model, r.backend, r.concurrency): r for r in rows if r.door == GRPC and not r.bare}
+    lines = []
+    for row in rows:
+        base = grpc_rows.get((row.model, row.backend, row.concurrency))
+        if row.door == GRPC or base is None:
+            continue
+        if row.concurrency == 1:
+            compared = f"p50 {row.p50 - base.p50:+.2f} ms vs gRPC ({row.p50:.2f} vs {base.p50:.2f})"
+        else:
+            compared = f"{row.qps / base.qps:.2f}x gRPC's q/s ({row.qps:.1f} vs {base.qps:.1f})"
+        lines.append(f"- {row.model}, --backend {row.backend}, {row.door} @ {row.concurrency}: {compared}")
+    return lines
+
+
 def group_rows(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
     groups: dict[tuple[str, str], list[Row]] = {}
     for row in rows:
-        if not row.bare and row.backend != "auto":
+        if not row.bare and row.backend != "auto" and row.door == GRPC:
             groups.setdefault((row.model, row.backend), []).append(row)
     return groups
 
@@ -448,6 +497,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stride", type=int, default=35, help="every N-th SQuAD dev question (default 35)")
     parser.add_argument("--limit", type=int, help="at most N questions")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="closed-loop levels")
+    parser.add_argument(
+        "--doors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure HTTP JSON (concurrency 1, 32) and V2 gRPC (concurrency 1) on each cache-off server",
+    )
     parser.add_argument(
         "--cache-row",
         action=argparse.BooleanOptionalAction,
@@ -537,11 +592,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "- (a), (a'): bench/bare.py in a clean process (no qaserve import, no OMP_/MKL_/QASERVE_ variables), "
         "tokenize + forward one question at a time, answers not decoded. Server rows: `qaserve serve --device cpu` "
         "(and `--response-cache-bytes 0` where the cache is off) in the same clean environment, closed-loop gRPC "
-        "clients in this process; q/s counts answers.",
+        "clients in this process (HTTP JSON: aiohttp, keep-alive); q/s counts answers.",
         "",
         *table(rows, baselines),
         "",
         *summary(rows, baselines),
+        *door_summary(rows),
         f"- errors: {errors}",
     ]
     text = "\n".join(report)

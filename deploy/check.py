@@ -38,6 +38,7 @@ K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
 # The one version of the distributions and images; the manifests' image tags must name it.
 VERSION = (ROOT / "VERSION").read_text(encoding="utf-8").strip()
+KSERVE = ROOT / "deploy" / "kserve"
 ADAPTER_VALUES = K8S / "components" / "hpa-in-flight" / "prometheus-adapter-values.yaml"
 # The oldest Kubernetes the manifests support (the preStop/probe fields they use are older still) and the newest
 # the validator knows.
@@ -533,6 +534,9 @@ def _probe_and_timing_problems(
     if port_names.get("metrics") != metrics_port:
         problems.append(f"Deployment: container port metrics is {port_names.get('metrics')}, the server's "
                         f"{metrics_port}")  # fmt: skip
+    http_port = int(env.get("QASERVE_HTTP_PORT", settings.http_port))
+    if http_port and port_names.get("http") != http_port:
+        problems.append(f"Deployment: container port http is {port_names.get('http')}, the server's {http_port}")
     drain = float(env.get("QASERVE_DRAIN_SECONDS", settings.drain_seconds))
     grace = float(env.get("QASERVE_GRACE_SECONDS", settings.grace_seconds))
     command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
@@ -605,6 +609,36 @@ def hadolint_problems(dockerfile: Path = DOCKERFILE) -> list[str]:
     ]
 
 
+def kserve_problems(directory: Path = KSERVE) -> list[str]:
+    """The KServe example: its container valid for Kubernetes (in a Pod), settings the server accepts, the image of
+    this version, the HTTP port the server listens on, and an InferenceService that the runtime serves over V2."""
+    docs = {d["kind"]: d for f in sorted(directory.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d}
+    runtime, service = docs.get("ServingRuntime"), docs.get("InferenceService")
+    if runtime is None or service is None:
+        return [f"{directory.name}: expected a ServingRuntime and an InferenceService"]
+    problems = []
+    [container] = runtime["spec"]["containers"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kserve"}, "spec": {"containers": [container]}}
+    problems += [p.replace("Pod/kserve", "the container") for p in schema_problems([Manifest("kserve", pod)])]
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    args = [a.replace("{{.Name}}", service["metadata"]["name"]) for a in container["args"][1:]]  # KServe's template
+    try:
+        settings = parse_settings(args, environ=env)
+    except SystemExit:
+        return [*problems, f"ServingRuntime: the server refuses these settings: {container['args']} {env}"]
+    if container["image"].rpartition(":")[2] != VERSION:
+        problems.append(f"ServingRuntime: image {container['image']} is not tagged with the VERSION file's {VERSION}")
+    if [p["containerPort"] for p in container.get("ports", [])] != [settings.http_port]:
+        problems.append(f"ServingRuntime: the container port must be the server's HTTP port {settings.http_port}")
+    model = service["spec"]["predictor"]["model"]
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    if model.get("runtime") != runtime["metadata"]["name"] or model["modelFormat"]["name"] not in formats:
+        problems.append("InferenceService: its runtime and model format are not the ServingRuntime's")
+    if model.get("protocolVersion") not in runtime["spec"]["protocolVersions"] or model.get("protocolVersion") != "v2":
+        problems.append("InferenceService: qaserve serves KServe over the Open Inference Protocol (protocolVersion v2)")
+    return [f"deploy/kserve: {p}" for p in problems]
+
+
 def all_problems() -> Iterator[str]:
     yield from hadolint_problems()
     yield from adapter_problems()
@@ -618,6 +652,7 @@ def all_problems() -> Iterator[str]:
         yield from schema_problems(manifests)
         yield from consistency_problems(manifests)
     yield from file_problems()
+    yield from kserve_problems()
 
 
 def main() -> int:
@@ -629,7 +664,7 @@ def main() -> int:
         return 1
     print(
         f"Dockerfile: hadolint clean; deploy/k8s: {len(targets())} targets rendered, valid for Kubernetes "
-        f"{', '.join(K8S_VERSIONS)}, consistent"
+        f"{', '.join(K8S_VERSIONS)}, consistent; deploy/kserve consistent"
     )
     return 0
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from qaserve.config import EMBEDDED_MODEL
 from qaserve.server import QAServer
 
-from qaserve_testing import build_tiny_model, export_tiny_onnx, in_process_server, tiny_settings
+from qaserve_testing import build_tiny_model, export_tiny_onnx, free_port, in_process_server, tiny_settings
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +46,14 @@ async def tiny_server(tiny_model_dir: Path) -> AsyncIterator[tuple[QAServer, str
     """A real grpc.aio qaserve on the tiny model, with a fresh metrics registry; yields (server, target)."""
     async with in_process_server(tiny_settings(tiny_model_dir)) as server:
         yield server, f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="session")
+async def embedded_server() -> AsyncIterator[tuple[QAServer, str, str]]:
+    """The embedded model (it answers "Paris" to the seed question) with HTTP on, no response cache and small
+    batches (a long context gives partial answers); yields (server, HTTP base URL, gRPC target)."""
+    settings = tiny_settings(
+        EMBEDDED_MODEL, model_name="", http_port=free_port(), response_cache_bytes=0, max_batch_windows=4
+    )
+    async with in_process_server(settings) as server:
+        yield server, f"http://127.0.0.1:{server.http_port}", f"127.0.0.1:{server.port}"

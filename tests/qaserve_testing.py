@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -148,13 +150,14 @@ def free_port() -> int:
 
 
 def tiny_settings(model_dir: Path, **overrides: object) -> Settings:
-    """Settings for an in-process server on a free loopback port, metrics on a free port too."""
+    """Settings for an in-process server on a free loopback port, metrics on a free port too, HTTP off."""
     values: dict[str, object] = {
         "model": str(model_dir),
         "model_name": "tiny",
         "host": "127.0.0.1",
         "port": 0,
         "metrics_port": free_port(),
+        "http_port": 0,
         "device": "cpu",
         "grace_seconds": 2.0,
     }
@@ -169,8 +172,9 @@ async def start_qaserve(
     drop: tuple[str, ...] = ("QASERVE_",),
 ) -> asyncio.subprocess.Process:
     """A `qaserve` process of its own (`args` follow the command: "serve", flags...), stdout discarded and stderr
-    piped, in this environment without the variables starting with `drop`, plus `env`."""
+    piped, in this environment without the variables starting with `drop`, HTTP off, plus `env`."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    environ["QASERVE_HTTP_PORT"] = "0"  # no fixed port: tests run side by side
     environ.update(env or {})
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -391,3 +395,41 @@ def make_pki(directory: Path) -> Pki:
         stranger_cert=stranger_cert,
         stranger_key=stranger_key,
     )
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    """An HTTP response: status, headers (lower-case names) and body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def http_request(
+    url: str,
+    body: object = None,
+    *,
+    method: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    seconds: float = 30.0,
+) -> HttpReply:
+    """One HTTP request (urllib, on a thread, so an in-process server keeps serving). A body that is not bytes is
+    sent as JSON (Content-Type application/json unless `headers` say otherwise). Error statuses are returned too."""
+    sent = dict(headers or {})
+    if body is not None and not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+        sent.setdefault("Content-Type", "application/json")
+    request = urllib.request.Request(url, data=body, method=method, headers=sent)
+
+    def call() -> HttpReply:
+        try:
+            with urllib.request.urlopen(request, timeout=seconds) as response:
+                return HttpReply(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read())
+        except urllib.error.HTTPError as error:
+            return HttpReply(error.code, {k.lower(): v for k, v in error.headers.items()}, error.read())
+
+    return await asyncio.to_thread(call)

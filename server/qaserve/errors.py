@@ -22,6 +22,8 @@ class QAServeError(Exception):
 
     code = "INTERNAL"
     reason = "INTERNAL"
+    # The HTTP status where the gRPC code's (api/errors.py) does not fit what went wrong on the HTTP wire.
+    http_status: int | None = None
 
 
 class InvalidArgument(QAServeError):
@@ -120,6 +122,68 @@ class MalformedRequest(QAServeError):
 
     def __init__(self) -> None:
         super().__init__("the request could not be parsed as the method's request message")
+
+
+class MalformedJson(InvalidArgument):
+    """An HTTP request body that is not JSON (or not UTF-8)."""
+
+    reason = "MALFORMED_JSON"
+
+    def __init__(self, description: str) -> None:
+        super().__init__("body", description)
+
+
+class UnsupportedMediaType(InvalidArgument):
+    """An HTTP request body of a content type the route does not read."""
+
+    reason = "UNSUPPORTED_MEDIA_TYPE"
+    http_status = 415
+
+    def __init__(self, given: str, accepted: str) -> None:
+        super().__init__("Content-Type", f"{shorten(given) or 'none'} is not accepted here; send {accepted}")
+
+
+class BodyTooLarge(QAServeError):
+    """An HTTP request body over the server's size limit (--max-receive-message-bytes)."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "BODY_TOO_LARGE"
+    http_status = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than this server accepts ({limit} bytes)")
+
+
+class HeadersTooLarge(QAServeError):
+    """HTTP request headers over the server's limit."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "HEADERS_TOO_LARGE"
+    http_status = 431
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request headers are larger than this server accepts ({limit} bytes)")
+
+
+class SlowRequest(QAServeError):
+    """An HTTP client that did not send its request body within the read timeout."""
+
+    code = "DEADLINE_EXCEEDED"
+    reason = "REQUEST_TIMEOUT"
+    http_status = 408
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request body did not arrive within {seconds:g} s")
+
+
+class RouteNotFound(QAServeError):
+    """An HTTP path or method the server does not serve."""
+
+    code = "NOT_FOUND"
+    reason = "ROUTE_NOT_FOUND"
+
+    def __init__(self, method: str, path: str) -> None:
+        super().__init__(f"no route {method} {shorten(path)}; GET /openapi.json lists the routes")
 
 
 class Unauthenticated(QAServeError):

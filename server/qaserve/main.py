@@ -50,11 +50,12 @@ async def serve(settings: Settings, models: ModelsConfig) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     log.info("settings: %s", settings.describe())
     log.info(
-        "gRPC on %s:%d (%s%s), health-only port %s, metrics %s",
+        "gRPC on %s:%d (%s%s), HTTP %s, health-only port %s, metrics %s",
         settings.host,
         port,
         "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext",
         ", bearer tokens" if settings.auth_tokens or settings.auth_tokens_file else "",
+        f"on port {server.http_port}" if server.http_port else "off",
         settings.health_port or "off",
         f"on {_host_port(http_address(settings.metrics_host or settings.host), settings.metrics_port)}/metrics"
         if settings.metrics_port

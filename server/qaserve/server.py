@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from qaserve.api import ModelServicer, QuestionAnsweringServicer
+from qaserve.api import ModelServicer, QuestionAnsweringServicer, v2
 from qaserve.api.auth import BearerTokenInterceptor, BearerTokens, ServerTLS
 from qaserve.api.health import (
     NOT_SERVING,
@@ -22,6 +22,7 @@ from qaserve.api.health import (
     DrainingHealthServicer,
     ModelHealth,
 )
+from qaserve.api.http import HttpDoor, HttpListener, bind, create_http_app
 from qaserve.api.wire import MalformedRequestInterceptor
 from qaserve.config import ConfigError, Settings, models_config
 from qaserve.metrics import Metrics, http_address
@@ -74,6 +75,7 @@ class QAServer:
         metrics: Metrics,
         executor: ThreadPoolExecutor,
         health_server: grpc.aio.Server | None = None,
+        http: HttpListener | None = None,
     ) -> None:
         self.settings = settings
         self.grpc_server = server
@@ -84,6 +86,8 @@ class QAServer:
         self.metrics_port: int | None = None
         self.port = 0
         self.health_port: int | None = None
+        self.http = http
+        self.http_port = http.port if http is not None else None
         self.serving = False
         self._executor = executor
         self._metrics_http: object | None = None
@@ -97,6 +101,8 @@ class QAServer:
         await self.grpc_server.start()
         if self.health_server is not None:
             await self.health_server.start()
+        if self.http is not None:
+            await self.http.start()
         if self.settings.metrics_port:
             address = http_address(self.settings.metrics_host or self.settings.host)
             http_server, _ = start_http_server(self.settings.metrics_port, address, self.metrics.registry)
@@ -140,7 +146,9 @@ class QAServer:
         """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace, free the models."""
         await self.health.enter_graceful_shutdown()
         self.health.close()
-        await self.grpc_server.stop(self.settings.grace_seconds)
+        await asyncio.gather(
+            self.grpc_server.stop(self.settings.grace_seconds), *([self.http.stop()] if self.http is not None else [])
+        )
         if self.health_server is not None:
             await self.health_server.stop(None)
         await self.engine.registry.close()
@@ -187,8 +195,9 @@ def create_server(
         QuestionAnsweringServicer(engine, metrics, settings.stream_max_in_flight), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(engine.registry, metrics), server)
+    server.add_generic_rpc_handlers((v2.handler(v2.V2Servicer(engine, metrics, health_servicer)),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(REFLECTED_SERVICES, server)
+    reflection.enable_server_reflection((*REFLECTED_SERVICES, v2.V2_SERVICE), server)
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert:
         tls = ServerTLS(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
@@ -201,7 +210,26 @@ def create_server(
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
-    qa_server = QAServer(settings, server, engine, health_servicer, metrics, executor, health_server)
+    http = None
+    if settings.http_port:
+        door = HttpDoor(
+            engine,
+            metrics,
+            health_servicer,
+            max_body_bytes=settings.max_receive_message_bytes,
+            read_timeout=settings.http_read_timeout_seconds,
+            tracing=tracing,
+        )
+        http = HttpListener(
+            create_http_app(door, tokens, settings.http_cors_origins),
+            bind(settings.host, settings.http_port),
+            read_timeout=settings.http_read_timeout_seconds,
+            grace=settings.grace_seconds,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+            tls_client_ca=settings.tls_client_ca,
+        )
+    qa_server = QAServer(settings, server, engine, health_servicer, metrics, executor, health_server, http)
     qa_server.port = port
     qa_server.health_port = settings.health_port or None
     return qa_server, port

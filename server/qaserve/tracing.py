@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
@@ -51,6 +52,12 @@ class Tracing:
             self.provider, filter_=traced
         )
         return interceptor
+
+    def server_span(self, name: str, headers: Mapping[str, str]) -> AbstractContextManager[object]:
+        """One SERVER span for an HTTP call, continuing the W3C `traceparent` among its `headers`."""
+        from opentelemetry.propagate import extract
+
+        return self.tracer.start_as_current_span(name, context=extract(headers), kind=trace.SpanKind.SERVER)
 
     def record_stages(self, result: QAResult | ReadResult, batch_sizes: Sequence[int]) -> None:
         """Child spans of the current (RPC) span for the stages of a request that just finished decoding.

@@ -161,3 +161,24 @@ def test_bench_drives_a_server_started_elsewhere_open_loop_over_tls_with_a_token
     assert "- kept up with " in text
     assert (tmp_path / "load.png").read_bytes().startswith(b"\x89PNG")
     assert "UNAUTHENTICATED" in (tmp_path / "no.md").read_text()
+
+
+def test_the_other_doors_are_measured_on_the_same_server_and_compared_with_its_grpc_rows(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    qas = [{"id": "0", "question": SEED_QUESTION, "answers": [{"text": "Paris", "answer_start": 54}]}]
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": SEED_CONTEXT, "qas": qas}]}]}))
+    report = tmp_path / "bench.md"
+    argv = ["--models", str(tiny_model_dir), "--data", str(data), "--seconds", "0.3", "--warmup", "0", "--stride", "1"]
+    argv += ["--backends", "torch", "--concurrency", "1,32", "--no-cache-row", "--markdown", str(report)]
+
+    assert load.main(argv) == 0
+
+    text = report.read_text()
+    rows = [line.split("|") for line in text.splitlines() if line.startswith(f"| {tiny_model_dir.name} | qaserve")]
+    doors = [(cells[2].strip().rpartition(", ")[2], int(cells[3])) for cells in rows]
+    assert doors == [("cache off", 1), ("cache off", 32), ("HTTP JSON", 1), ("HTTP JSON", 32), ("V2 gRPC", 1)]
+    assert all(cells[8].strip() == "0" for cells in rows)  # errors
+    assert "HTTP JSON @ 1: p50" in text and "HTTP JSON @ 32: " in text and "V2 gRPC @ 1: p50" in text
+    assert "- errors: 0" in text

@@ -223,7 +223,7 @@ def test_dockerfile_final_stage_is_unprivileged_and_self_contained() -> None:
     text = (ROOT / "Dockerfile").read_text()
     final = text[text.rindex("\nFROM ") :]
     assert re.search(r"^USER 10001:10001$", final, re.MULTILINE)
-    assert re.search(r"^EXPOSE 50051 9464$", final, re.MULTILINE)
+    assert re.search(r"^EXPOSE 50051 8080 9464$", final, re.MULTILINE)
     assert re.search(r'^\s+CMD \["qaserve-client", .*"health"\]$', final, re.MULTILINE)
     assert not re.search(r"apt-get|pip install|gcc|build-essential", final)
     model = re.search(r"QASERVE_MODEL=/opt/qaserve/(\S+)", final)
@@ -289,8 +289,8 @@ def test_network_policy_lets_only_prometheus_reach_metrics(rendered: dict[str, l
     _doc(open_metrics, "NetworkPolicy")["spec"]["ingress"][0]["ports"].append({"port": "metrics"})
     assert any("metrics port" in p for p in check.consistency_problems(open_metrics))
     new_port = copy.deepcopy(guarded)
-    _container(new_port)["ports"].append({"name": "http", "containerPort": 8080, "protocol": "TCP"})
-    assert any("container port http admits no one" in p for p in check.consistency_problems(new_port))
+    _container(new_port)["ports"].append({"name": "debug", "containerPort": 9000, "protocol": "TCP"})
+    assert any("container port debug admits no one" in p for p in check.consistency_problems(new_port))
 
 
 def test_dockerfile_export_target_runs_qaserve_export_on_cpu_torch() -> None:
@@ -325,3 +325,27 @@ def test_the_dashboard_component_ships_the_generated_dashboard_to_grafana(render
     (config_map,) = [m.doc for m in rendered["overlays/production"] if m.doc["metadata"]["name"] == "qaserve-dashboard"]
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(config_map["data"]["qaserve.json"]) == check.monitoring.dashboard()
+
+
+def test_the_kserve_example_is_consistent_and_its_check_catches_mismatches(tmp_path: Path) -> None:
+    assert check.kserve_problems() == []
+    for name in ("servingruntime.yaml", "inferenceservice.yaml"):
+        text = (ROOT / "deploy" / "kserve" / name).read_text()
+        text = text.replace("protocolVersion: v2", "protocolVersion: v1").replace(
+            "containerPort: 8080", "containerPort: 80"
+        )
+        (tmp_path / name).write_text(text.replace("runAsNonRoot: true", "runAsNonRoot: true\n        runAsUsr: 1"))
+    problems = check.kserve_problems(tmp_path)
+    assert any("protocolVersion v2" in p for p in problems), problems
+    assert any("HTTP port 8080" in p for p in problems), problems
+    assert any("runAsUsr" in p for p in problems), problems
+
+
+def test_the_http_port_is_exposed_by_the_pods_and_the_service(rendered: dict[str, list[Any]]) -> None:
+    ports = {p["name"]: p["containerPort"] for p in _container(rendered["base"])["ports"]}
+    assert ports["http"] == 8080
+    services = [m.doc for m in rendered["base"] if m.doc["kind"] == "Service"]
+    assert any(p["targetPort"] == "http" for s in services for p in s["spec"]["ports"])
+    broken = copy.deepcopy(rendered["base"])
+    _container(broken)["env"].append({"name": "QASERVE_HTTP_PORT", "value": "8000"})
+    assert any("container port http" in p for p in check.consistency_problems(broken))

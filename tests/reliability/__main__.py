@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from . import cases, phases
+from . import cases, http_cases, phases
 from .harness import MODEL, InProcessServer, Row, SubprocessServer, table, write_models_config
 from qaserve_testing import build_tiny_model
 
@@ -45,7 +45,7 @@ async def black_box(workdir: Path, model_dir: Path, config: phases.Config, out: 
         out.extend(await phases.deadlines(server, config))
         async with grpc.aio.insecure_channel(server.target) as channel:
             ctx = cases.Context(server, channel, model_dir)
-            for case in cases.BAD_INPUT:
+            for case in (*cases.BAD_INPUT, *http_cases.BAD_INPUT):
                 out.append(await cases.bad_input(ctx, case))
     finally:
         await server.stop()

@@ -64,6 +64,7 @@ class Server:
     """What the suite needs of a server: its address, its /metrics, its memory."""
 
     target: str
+    http_url: str
     metrics_port: int
 
     async def metrics(self) -> Samples:
@@ -96,11 +97,14 @@ class SubprocessServer(Server):
         self.port = free_port()
         self.metrics_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        http_port = free_port()
+        self.http_url = f"http://127.0.0.1:{http_port}"
         self.args = [
             sys.executable, "-m", "qaserve.main", "serve", "--models-config", str(models_config),
             "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
             "--device", "cpu", "--grace-seconds", "2", "--log-level", "WARNING",
             "--response-cache-bytes", "0",  # repeated probes must reach the model path under test
+            "--http-port", str(http_port), "--http-read-timeout-seconds", "2",  # slow clients are cut off sooner
         ]  # fmt: skip
         for key, value in flags.items():
             self.args += [f"--{key.replace('_', '-')}", str(value)]
@@ -135,6 +139,7 @@ class InProcessServer(Server):
         overrides = {"response_cache_bytes": 0, **overrides}  # repeated probes must reach the model path
         self.settings = tiny_settings(Path(), models_config=str(models_config), **overrides)
         self.target = ""
+        self.http_url = ""  # HTTP off: the faults are the engine's, whichever door
         self.metrics_port = 0
         self._running = contextlib.AsyncExitStack()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from . import cases, phases
+from . import cases, http_cases, phases
 from .harness import MODEL, InProcessServer, Row, SubprocessServer, table, write_models_config
 
 CONFIG = phases.CI
@@ -58,7 +58,7 @@ async def test_short_deadlines_are_exceeded_before_their_windows_run(server: Sub
     check(await phases.deadlines(server, CONFIG))
 
 
-@pytest.mark.parametrize("case", [marked(c) for c in cases.BAD_INPUT])
+@pytest.mark.parametrize("case", [marked(c) for c in (*cases.BAD_INPUT, *http_cases.BAD_INPUT)])
 async def test_bad_input_gets_its_documented_status(bad_input_context: cases.Context, case: cases.Case) -> None:
     check([await cases.bad_input(bad_input_context, case)])
 

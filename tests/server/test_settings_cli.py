@@ -67,6 +67,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ran]]:
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("QASERVE_")}
+    base_env["QASERVE_HTTP_PORT"] = "0"  # no fixed port: tests run side by side
     processes = {}
     for name, case in CASES.items():
         argv = list(case.argv)

@@ -15,7 +15,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_QUESTION, free_port, in_process_server, start_qaserve, tiny_settings, wait_serving
+from qaserve_testing import (
+    SEED_QUESTION,
+    free_port,
+    http_request,
+    in_process_server,
+    start_qaserve,
+    tiny_settings,
+    wait_serving,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -122,3 +130,37 @@ async def test_drain_serves_new_requests_and_stop_ends_watch_streams(tiny_model_
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await answer(pb_grpc.QuestionAnsweringServiceStub(channel))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_sigterm_drains_http_as_grpc_health_503_while_requests_are_answered(tiny_model_dir: Path) -> None:
+    port, http_port = free_port(), free_port()
+    process = await start_qaserve(
+        "serve",
+        *("--model", str(tiny_model_dir), "--model-name", "tiny", "--device", "cpu", "--intra-op-threads", "1"),
+        *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--http-port", str(http_port)),
+        *("--drain-seconds", "3", "--grace-seconds", "30"),
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    body = {"question": SEED_QUESTION, "context": LONG_CONTEXT}
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_RETRIES) as channel:
+            await wait_serving(channel, process)
+        assert (await http_request(f"{url}/health")).status == 200
+        before = [asyncio.create_task(http_request(f"{url}/v1/answer", body)) for _ in range(10)]
+        await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        statuses = [(await http_request(f"{url}/health")).status]
+        for _ in range(100):  # health turns 503 within moments of the signal
+            if statuses[-1] != 200:
+                break
+            await asyncio.sleep(0.05)
+            statuses.append((await http_request(f"{url}/health")).status)
+        assert statuses[-1] == 503 and (await http_request(f"{url}/v2/health/ready")).status == 503
+        during = await http_request(f"{url}/v1/answer", body)
+        assert during.status == 200 and during.json()["model"]["name"] == "tiny"
+        assert [r.status for r in await asyncio.gather(*before)] == [200] * 10
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

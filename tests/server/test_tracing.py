@@ -28,7 +28,15 @@ from qaserve.tracing import Tracing, tracing_from_environment
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, in_process_server, start_qaserve, tiny_settings
+from qaserve_testing import (
+    SEED_CONTEXT,
+    SEED_QUESTION,
+    free_port,
+    http_request,
+    in_process_server,
+    start_qaserve,
+    tiny_settings,
+)
 
 PATIENCE = 30.0
 ANSWER = "/qaserve.v1.QuestionAnsweringService/Answer"
@@ -48,7 +56,9 @@ async def traced_server(tiny_model_dir: Path, exporter: InMemorySpanExporter) ->
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing = Tracing(provider)
-    async with in_process_server(tiny_settings(tiny_model_dir, response_cache_bytes=0), tracing) as server:
+    async with in_process_server(
+        tiny_settings(tiny_model_dir, response_cache_bytes=0, http_port=free_port()), tracing
+    ) as server:
         yield server
     tracing.shutdown()
 
@@ -148,6 +158,22 @@ async def test_json_log_lines_of_a_traced_request_carry_its_trace_and_span_ids(
     assert request_line["trace_id"] == TRACE_ID
     assert request_line["span_id"] == format(rpc.context.span_id, "016x")
     assert not [line for line in lines if "trace_id" in line and line.get("request_id") != "logged-1"]
+
+
+async def test_http_call_span_continues_the_callers_trace_with_four_stage_children(
+    traced_server: QAServer, spans: InMemorySpanExporter
+) -> None:
+    headers = {"traceparent": f"00-{TRACE_ID}-{CALLER_SPAN_ID}-01", "X-Request-Id": "trace-me-http"}
+    body = {"question": SEED_QUESTION, "context": SEED_CONTEXT}
+    reply = await http_request(f"http://127.0.0.1:{traced_server.http_port}/v1/answer", body, headers=headers)
+    assert reply.status == 200
+
+    call = await rpc_span(spans, "POST /v1/answer")
+    assert call.context is not None and call.parent is not None
+    assert format(call.context.trace_id, "032x") == TRACE_ID
+    assert format(call.parent.span_id, "016x") == CALLER_SPAN_ID
+    assert call.attributes is not None and call.attributes["qaserve.request_id"] == "trace-me-http"
+    check_stages(call, children(spans, call))
 
 
 async def test_without_traceparent_the_rpc_span_starts_a_trace(

@@ -134,12 +134,18 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _check(self, metadata: Sequence[tuple[str, str | bytes]]) -> Unauthenticated | None:
         for key, value in metadata:
-            if key != AUTHORIZATION_KEY:
-                continue
-            if not isinstance(value, str) or value[: len(_BEARER)].lower() != _BEARER:
-                return invalid_token()
-            return None if self.tokens.matches(value[len(_BEARER) :].strip()) else invalid_token()
+            if key == AUTHORIZATION_KEY:
+                return authorization_error(self.tokens, value)
         return missing_token()
+
+
+def authorization_error(tokens: BearerTokens, authorization: str | bytes | None) -> Unauthenticated | None:
+    """What is wrong with an `authorization` value (gRPC metadata or HTTP header), None when it is accepted."""
+    if authorization is None:
+        return missing_token()
+    if not isinstance(authorization, str) or authorization[: len(_BEARER)].lower() != _BEARER:
+        return invalid_token()
+    return None if tokens.matches(authorization[len(_BEARER) :].strip()) else invalid_token()
 
 
 def _service(method: str) -> str:

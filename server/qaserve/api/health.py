@@ -68,6 +68,10 @@ class DrainingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
         for model in models:
             await self.set(model_health_name(model), status)
 
+    def serving(self, service: str = "") -> bool:
+        """Whether `service` ("" = the server) is SERVING now: what the HTTP door's health routes report."""
+        return bool(self._server_status.get(service) == SERVING)
+
     def close(self) -> None:
         """Ends every Watch stream (after the statuses already sent), now and from now on."""
         self._closed.set()

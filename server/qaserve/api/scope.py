@@ -1,5 +1,5 @@
-"""Per-RPC bookkeeping: request id, in-flight gauge, duration by method/model/code, the request's debug log line,
-and turning errors into statuses."""
+"""Per-call bookkeeping (gRPC and HTTP): request id, in-flight gauge, duration by method/model/code, the request's
+debug log line, and turning errors into statuses."""
 
 from __future__ import annotations
 
@@ -27,45 +27,33 @@ REQUEST_ID_KEY = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
-class RpcScope:
-    """`async with RpcScope(...) as scope:` around a handler body.
+class CallScope:
+    """One call of any door: request id, in-flight gauge, duration by method/model/code and the debug log line.
 
-    An exception ends the RPC with the status api/errors.py maps it to (a generic INTERNAL for unexpected ones,
-    logged with their traceback). The duration is recorded under the code the client got.
-
-    The request id is the client's `x-request-id` metadata or a new one; it goes back in the trailing metadata and
-    into every log record of the request. At DEBUG each RPC logs one line: id, method, model, code, timings
-    (the stages of `timing` when the handler sets it).
+    begin() takes the client's request id (`incoming`, when valid) or makes one and puts it into every log record
+    of the call; end() maps the error the call ended with (None: OK) through api/errors.py and records the call.
     """
 
-    def __init__(self, metrics: Metrics, method: str, context: grpc.aio.ServicerContext, model: str) -> None:
+    def __init__(self, metrics: Metrics, method: str, model: str, incoming: str = "", peer: str = "") -> None:
         self.metrics = metrics
         self.method = method
-        self.context = context
         self.model = model
         self.code = "OK"
-        self.request_id = ""
+        self.request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else ""
+        self.peer = peer
         self.timing: Timing | None = None
         self._started = 0.0
         self._log_context: contextvars.Token[str] | None = None
 
-    def deadline(self) -> float | None:
-        """The client's deadline on the event loop's clock, if it set one."""
-        remaining = self.context.time_remaining()
-        return None if remaining is None else asyncio.get_running_loop().time() + remaining
-
-    async def __aenter__(self) -> RpcScope:
+    def begin(self) -> None:
         self._started = time.perf_counter()
-        self.request_id = _incoming_request_id(self.context) or uuid.uuid4().hex
+        self.request_id = self.request_id or uuid.uuid4().hex
         self._log_context = logs.request_id.set(self.request_id)
         tracing.tag_request(self.request_id)
-        self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         self.metrics.in_flight.labels(self.method).inc()
-        return self
 
-    async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def end(self, error: BaseException | None) -> ErrorStatus | None:
+        """Records the call; returns what the client is to be told of `error` (None: nothing more to tell)."""
         self.metrics.in_flight.labels(self.method).dec()
         failure: ErrorStatus | None = None
         if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
@@ -78,9 +66,7 @@ class RpcScope:
         if log.isEnabledFor(logging.DEBUG):
             self._log(duration)
         self._reset_log_context()
-        if failure is not None:
-            # Aborting replaces the trailing metadata: the request id goes along with the status details.
-            await abort(self.context, failure, ((REQUEST_ID_KEY, self.request_id),))
+        return failure
 
     def _log(self, duration: float) -> None:
         fields: dict[str, object] = {
@@ -89,7 +75,7 @@ class RpcScope:
             "model": self.model,
             "code": self.code,
             "duration_ms": round(duration * 1000, 3),
-            "peer": self.context.peer(),
+            "peer": self.peer,
         }
         stages = ""
         if self.timing is not None:
@@ -117,8 +103,42 @@ class RpcScope:
         self._log_context = None
 
 
+class RpcScope(CallScope):
+    """`async with RpcScope(...) as scope:` around a gRPC handler body.
+
+    An exception ends the RPC with the status api/errors.py maps it to (a generic INTERNAL for unexpected ones,
+    logged with their traceback). The duration is recorded under the code the client got.
+
+    The request id is the client's `x-request-id` metadata or a new one; it goes back in the trailing metadata and
+    into every log record of the request. At DEBUG each RPC logs one line: id, method, model, code, timings
+    (the stages of `timing` when the handler sets it).
+    """
+
+    def __init__(self, metrics: Metrics, method: str, context: grpc.aio.ServicerContext, model: str) -> None:
+        super().__init__(metrics, method, model, _incoming_request_id(context), context.peer())
+        self.context = context
+
+    def deadline(self) -> float | None:
+        """The client's deadline on the event loop's clock, if it set one."""
+        remaining = self.context.time_remaining()
+        return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+    async def __aenter__(self) -> RpcScope:
+        self.begin()
+        self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        failure = self.end(error)
+        if failure is not None:
+            # Aborting replaces the trailing metadata: the request id goes along with the status details.
+            await abort(self.context, failure, ((REQUEST_ID_KEY, self.request_id),))
+
+
 def _incoming_request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _VALID_REQUEST_ID.fullmatch(value):
+        if key == REQUEST_ID_KEY and isinstance(value, str):
             return value
     return ""

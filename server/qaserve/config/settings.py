@@ -66,6 +66,16 @@ class Settings(BaseSettings):
     port: Port = Field(50051, description="gRPC port (0 picks a free one)")
     metrics_host: str = Field("", description="address of Prometheus /metrics (default: --host)")
     metrics_port: Port = Field(9464, description="Prometheus /metrics HTTP port (0 turns it off)")
+    http_port: Port = Field(
+        8080, description="HTTP/JSON port on --host: Hugging Face task schema, qaserve JSON, Open Inference Protocol "
+        "v2 and a page for browsers (0 turns it off)"
+    )  # fmt: skip
+    http_cors_origins: str = Field(
+        "", description="comma-separated origins browsers may call the HTTP port from, or * (default: none, no CORS)"
+    )
+    http_read_timeout_seconds: float = Field(
+        30.0, gt=0, description="longest an HTTP client may take to send a request's headers, and again its body"
+    )
     backend: Backend = Field(
         "auto", description="inference framework; auto: onnx where a model directory holds model.onnx and the device "
         "is cpu, torch otherwise"
@@ -160,6 +170,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.health_port and self.health_port == self.port:
             raise ValueError("--health-port must differ from --port")
+        if self.http_port and self.http_port in (self.port, self.health_port, self.metrics_port):
+            raise ValueError("--http-port must differ from --port, --health-port and --metrics-port")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
