@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -417,3 +418,21 @@ async def test_no_cors_by_default(tiny_model_dir: Path) -> None:
         assert reply.status == 200 and "access-control-allow-origin" not in reply.headers
     finally:
         await server.stop()
+
+
+async def test_connections_of_the_http_listener_send_without_delay() -> None:
+    """asyncio turns Nagle's algorithm off only on sockets created as TCP; with it on, every response waited on the
+    client's delayed ACK (some 40 ms)."""
+    from qaserve.api.http import bind
+
+    accepted: asyncio.Queue[int] = asyncio.Queue()
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    listener = await asyncio.start_server(on_connection, sock=bind("127.0.0.1", 0))
+    async with listener:
+        _, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2])
+        assert await asyncio.wait_for(accepted.get(), 10) != 0
+        writer.close()
