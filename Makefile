@@ -10,7 +10,7 @@ GO_PKG := client/go/qaserve/v1
 ARGS ?=
 
 .PHONY: install browser prometheus node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker \
-	docker-export wheels image-context release deploy-check bench accuracy \
+	docker-export wheels image-context release deploy-check bench bench-reader accuracy \
 	parity reliability clean
 
 install: $(STAMP)
@@ -261,6 +261,11 @@ bench: $(STAMP)
 
 accuracy: $(STAMP)
 	$(BIN)/python -m bench.accuracy $(ARGS)
+
+# One Read over a question's 10 passages against 10 concurrent Answer calls, at concurrency 1 and 8 (bench/reader.py;
+# ARGS: --seconds, --limit, --concurrency, --server-args).
+bench-reader: $(STAMP)
+	PYTHONPATH=tests $(BIN)/python -m bench.reader $(ARGS)
 
 # The reference for answer parity: the transformers 4.x QA pipeline, in its own environment.
 .venv-hf4/.installed:

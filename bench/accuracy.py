@@ -11,6 +11,12 @@ EM/F1 are reported.
     make accuracy ARGS="--backend onnx --limit 2000"
     make accuracy ARGS="--model DIR --data bench/data/xquad.en.json.gz"
     make accuracy ARGS="--model DIR --data dev-v2.0.json --predictions predictions.json"
+
+With --passages N (N > 1) it measures the reader: each question is read (engine.read, as the Read RPC) over its own
+paragraph and up to N - 1 other paragraphs of the same article, shuffled, and its top-1 answer scored, in both score
+modes; the first row answers the same questions from their own paragraph alone (Answer), the upper bound.
+
+    make accuracy ARGS="--passages 10 --limit 300"
 """
 
 from __future__ import annotations
@@ -23,15 +29,15 @@ import re
 import string
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.evaldata import SQUAD_DEV, Question, load_questions
+from bench.evaldata import SQUAD_DEV, Question, load_questions, load_reader_questions
 from qaserve.config import EMBEDDED_MODEL
-from qaserve.qa import QAParams, QARequest
-from qaserve.runtime import build_engine
+from qaserve.qa import Passage, QAParams, QARequest, ReadParams, ReadRequest, ScoreMode
+from qaserve.runtime import QAEngine, build_engine
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
 
 
@@ -102,21 +108,49 @@ def score(questions: Sequence[Question], predictions: dict[str, str], seconds: f
     )
 
 
-async def predict(
-    model_dir: Path, backend: str, questions: Sequence[Question], concurrency: int
-) -> tuple[dict[str, str], str]:
-    """Each question's best answer, by id, and the dtype the model reports. Where some question has no answer (a
-    v2.0 file), the pipeline's handle_impossible_answer may choose "" over every span."""
-    models = ModelsConfig((ModelSpec("eval", str(model_dir), backend=backend, device="cpu"),), "eval")
+Ask = Callable[[QAEngine, Question], Awaitable[str]]
+"""How one question gets its best answer from the engine."""
+
+
+def answer_own_paragraph(questions: Sequence[Question]) -> Ask:
+    """Answer on the question's own paragraph. Where some question has no answer (a v2.0 file), the pipeline's
+    handle_impossible_answer may choose "" over every span."""
     params = QAParams(handle_impossible_answer=any(q.is_impossible for q in questions))
+
+    async def ask(engine: QAEngine, question: Question) -> str:
+        result = await engine.answer(QARequest(question.question, question.context, params=params))
+        return result.answers[0].answer
+
+    return ask
+
+
+def read_passages(passages: Mapping[str, tuple[str, ...]], mode: ScoreMode) -> Ask:
+    """Read over the question's passages (by question id) in score mode `mode`; "" when no answer comes back."""
+
+    async def ask(engine: QAEngine, question: Question) -> str:
+        request = ReadRequest(
+            question.question, tuple(Passage(p) for p in passages[question.id]), read=ReadParams(score_mode=mode)
+        )
+        result = await engine.read(request)
+        return result.answers[0].answer if result.answers else ""
+
+    return ask
+
+
+async def predict(
+    model_dir: Path, backend: str, questions: Sequence[Question], concurrency: int, ask: Ask | None = None
+) -> tuple[dict[str, str], str]:
+    """Each question's best answer, by id (by `ask`, default answer_own_paragraph), and the dtype the model
+    reports."""
+    models = ModelsConfig((ModelSpec("eval", str(model_dir), backend=backend, device="cpu"),), "eval")
+    ask = ask if ask is not None else answer_own_paragraph(questions)
     with ThreadPoolExecutor(2) as executor:
         engine = build_engine(models, executor=executor)
         slots = asyncio.Semaphore(concurrency)
 
         async def one(question: Question) -> str:
             async with slots:
-                result = await engine.answer(QARequest(question.question, question.context, params=params))
-            return result.answers[0].answer
+                return await ask(engine, question)
 
         answers = await asyncio.gather(*(one(q) for q in questions))
         dtype = engine.registry.info("eval").dtype
@@ -156,7 +190,16 @@ def main() -> int:
     parser.add_argument(
         "--predictions", type=Path, help='also write {"question id": "answer"} here, the official scripts\' input'
     )
+    parser.add_argument(
+        "--passages",
+        type=int,
+        default=1,
+        help="N > 1: read each question over its paragraph and up to N - 1 others of its article (both score modes)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="--passages: seed of the paragraphs drawn and their order")
     args = parser.parse_args()
+    if args.passages > 1:
+        return reader_table(args)
     questions = load_questions(args.data)[: args.limit]
     started = time.perf_counter()
     predictions, dtype = asyncio.run(predict(args.model, args.backend, questions, args.concurrency))
@@ -164,6 +207,33 @@ def main() -> int:
         args.predictions.write_text(json.dumps(predictions, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     result = score(questions, predictions, time.perf_counter() - started, dtype)
     print(report(args.data.name, args.model.name, args.backend, result))
+    return 0
+
+
+def reader_table(args: argparse.Namespace) -> int:
+    """--passages: top-1 EM/F1 of the reader in both score modes, and of Answer on the gold paragraph alone."""
+    sets = load_reader_questions(args.data, args.passages, args.seed)[: args.limit]
+    questions = [s.question for s in sets]
+    passages = {s.question.id: s.passages for s in sets}
+    average = sum(len(s.passages) for s in sets) / max(1, len(sets))
+    runs: list[tuple[str, Ask | None]] = [
+        ("Answer, own paragraph only", None),
+        (f"Read, calibrated, {average:.1f} passages", read_passages(passages, ScoreMode.CALIBRATED)),
+        (f"Read, pipeline, {average:.1f} passages", read_passages(passages, ScoreMode.PIPELINE)),
+    ]
+    lines = ["| mode | EM | F1 | questions/s |", "|---|---|---|---|"]
+    for label, ask in runs:
+        started = time.perf_counter()
+        predictions, dtype = asyncio.run(predict(args.model, args.backend, questions, args.concurrency, ask))
+        result = score(questions, predictions, time.perf_counter() - started, dtype)
+        rate = result.overall.questions / max(result.seconds, 1e-9)
+        lines.append(f"| {label} | {result.overall.exact_match:.2f} | {result.overall.f1:.2f} | {rate:.1f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    print(
+        f"{args.data.name}: {len(sets)} questions, {args.model.name} --backend {args.backend} ({dtype}), "
+        f"top-1 answers, seed {args.seed}"
+    )
+    print("\n".join(lines))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,45 @@ def load_questions(path: Path) -> list[Question]:
     A v2.0 question marked is_impossible keeps that mark and has no gold answers (its plausible_answers are not
     answers)."""
     return [
-        Question(
-            qa["id"],
-            qa["question"],
-            paragraph["context"],
-            () if qa.get("is_impossible") else tuple(a["text"] for a in qa["answers"]),
-            bool(qa.get("is_impossible", False)),
-        )
+        _question(qa, paragraph)
         for article in read_squad(path)["data"]
         for paragraph in article["paragraphs"]
         for qa in paragraph["qas"]
     ]
+
+
+@dataclass(frozen=True)
+class ReaderQuestion:
+    """A question with passages to read: its own paragraph, passages[gold], among others of the same article."""
+
+    question: Question
+    passages: tuple[str, ...]
+    gold: int
+
+
+def load_reader_questions(path: Path, passages: int, seed: int = 0) -> list[ReaderQuestion]:
+    """Every question of a SQuAD-format file, in file order (as load_questions), with its own paragraph and up to
+    `passages` - 1 other paragraphs of its article picked at random, in a random order; `seed` makes every run
+    draw the same."""
+    rng = random.Random(seed)
+    result = []
+    for article in read_squad(path)["data"]:
+        contexts = [paragraph["context"] for paragraph in article["paragraphs"]]
+        for index, paragraph in enumerate(article["paragraphs"]):
+            others = contexts[:index] + contexts[index + 1 :]
+            for qa in paragraph["qas"]:
+                chosen = [*rng.sample(others, min(passages - 1, len(others))), paragraph["context"]]
+                rng.shuffle(chosen)
+                gold = chosen.index(paragraph["context"])
+                result.append(ReaderQuestion(_question(qa, paragraph), tuple(chosen), gold))
+    return result
+
+
+def _question(qa: dict[str, Any], paragraph: dict[str, Any]) -> Question:
+    return Question(
+        qa["id"],
+        qa["question"],
+        paragraph["context"],
+        () if qa.get("is_impossible") else tuple(a["text"] for a in qa["answers"]),
+        bool(qa.get("is_impossible", False)),
+    )
