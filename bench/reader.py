@@ -117,6 +117,8 @@ def table(rows: Sequence[Row]) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=EMBEDDED, help="model directory (default: the embedded model)")
+    parser.add_argument("--data", type=Path, default=SQUAD_DEV, help="SQuAD-format file, .json or .json.gz")
+    parser.add_argument("--stride", type=int, default=STRIDE, help="every Nth question of the file")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds per row before measuring")
     parser.add_argument("--limit", type=int, default=None, help="at most N questions")
@@ -128,7 +130,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    questions = load_reader_questions(SQUAD_DEV, PASSAGES)[::STRIDE][: args.limit]
+    questions = load_reader_questions(args.data, PASSAGES)[:: args.stride][: args.limit]
     server = ServerProcess(args.qaserve, args.model, args.model.name, "auto", False, shlex.split(args.server_args))
     rows = []
     try:
