@@ -50,7 +50,7 @@ def read_answers(
             answers.append(PassageAnswer(**dataclasses.asdict(answer), passage_index=index, passage_id=passage.id))
 
     answers.sort(key=lambda a: a.score, reverse=True)  # stable: passage and window order among equal scores
-    kept = _deduplicate(answers, read.resolved_overlap_threshold)[: params.top_k]
+    kept = _deduplicate(answers, read.resolved_overlap_threshold, params.top_k)
     no_answer: float | None = None
     if read.no_answer:
         if read.score_mode is ScoreMode.PIPELINE:
@@ -62,13 +62,16 @@ def read_answers(
     return tuple(kept), no_answer
 
 
-def _deduplicate(ranked: Sequence[PassageAnswer], overlap_threshold: float | None) -> list[PassageAnswer]:
-    """`ranked` (best first) without repeats of a better answer's span in the same passage (the same span found
-    in overlapping windows, or widened to the same words) and, with a threshold, without answers sharing more
-    than that fraction of their own or a better answer's characters (Haystack's deduplicate_by_overlap)."""
+def _deduplicate(ranked: Sequence[PassageAnswer], overlap_threshold: float | None, limit: int) -> list[PassageAnswer]:
+    """The first `limit` of `ranked` (best first) without repeats of a better answer's span in the same passage (the
+    same span found in overlapping windows, or widened to the same words) and, with a threshold, without answers
+    sharing more than that fraction of their own or a better answer's characters (Haystack's
+    deduplicate_by_overlap, then its cut to top_k: an answer is only ever compared with better ones)."""
     kept: list[PassageAnswer] = []
     seen: set[tuple[int, int, int]] = set()
     for answer in ranked:
+        if len(kept) == limit:
+            break
         span = (answer.passage_index, answer.start, answer.end)
         if span in seen:
             continue
