@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from qaserve.server import QAServer
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION
+from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, http_request
 
 PASSAGES = [
     pb.Passage(text=SEED_CONTEXT, id="france"),
@@ -88,7 +89,7 @@ async def test_score_threshold_leaves_weaker_answers_out(stub: pb_grpc.QuestionA
     assert list(kept) == [a for a in answers if a.score >= answers[2].score]
 
 
-@pytest.mark.parametrize(
+BAD_READS = pytest.mark.parametrize(
     ("request_", "field"),
     [
         (pb.ReadRequest(question=SEED_QUESTION), "passages"),
@@ -118,6 +119,9 @@ async def test_score_threshold_leaves_weaker_answers_out(stub: pb_grpc.QuestionA
         "max-seq-len",
     ],
 )
+
+
+@BAD_READS
 async def test_bad_reads_are_invalid_argument_naming_the_field(
     stub: pb_grpc.QuestionAnsweringServiceStub, request_: pb.ReadRequest, field: str
 ) -> None:
@@ -126,3 +130,27 @@ async def test_bad_reads_are_invalid_argument_naming_the_field(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(caught.value) == [field]
     assert field in (caught.value.details() or "")
+
+
+async def test_read_over_http_is_the_grpc_read(embedded_server: tuple[QAServer, str, str]) -> None:
+    _, url, target = embedded_server
+    request = pb.ReadRequest(question=SEED_QUESTION, passages=PASSAGES, top_k=3, no_answer=True)
+    async with grpc.aio.insecure_channel(target) as channel:
+        expected = await pb_grpc.QuestionAnsweringServiceStub(channel).Read(request, timeout=30)
+
+    reply = await http_request(f"{url}/v1/read", json_format.MessageToDict(request))
+
+    assert reply.status == 200, reply.body
+    got = json_format.ParseDict(reply.json(), pb.ReadResponse())
+    assert list(got.answers) == list(expected.answers)
+    assert got.no_answer_score == expected.no_answer_score and got.score_mode == pb.SCORE_MODE_CALIBRATED
+    assert len(got.answers) == 3 and got.answers[0].passage_id
+
+
+@BAD_READS
+async def test_bad_reads_over_http_are_400_naming_the_field(
+    embedded_server: tuple[QAServer, str, str], request_: pb.ReadRequest, field: str
+) -> None:
+    reply = await http_request(f"{embedded_server[1]}/v1/read", json_format.MessageToDict(request_))
+    assert reply.status == 400, reply.body
+    assert reply.json()["error"]["field"] == field
