@@ -54,7 +54,7 @@ class KeywordBackend:
 
     def load(self, spec: ModelSpec, *, pad_token_id: int, intra_op_threads: int) -> Loaded:
         keyword = (Path(spec.source) / KEYWORD_FILE).read_text(encoding="utf-8").strip()
-        ids = load_tokenizer(spec.source, None)(keyword, add_special_tokens=False)["input_ids"] if keyword else []
+        ids = load_tokenizer(spec.source)(keyword, add_special_tokens=False)["input_ids"] if keyword else []
         return load_replicas(
             spec,
             self.devices(spec),

@@ -143,6 +143,95 @@ def export_tiny_onnx(model_dir: Path, out_dir: Path, quantize: str = "none") -> 
     return out_dir
 
 
+# What Optimum's `optimum-cli export onnx --task question-answering` writes (optimum-onnx does not install beside
+# transformers 5, so the tests write its layout with the same exporter, torch.onnx): the checkpoint's config and
+# tokenizer files, and model.onnx with Optimum's input, output and dynamic axis names at Optimum's default opset for
+# these architectures; no qaserve manifest.
+OPTIMUM_AXES = {0: "batch_size", 1: "sequence_length"}
+OPTIMUM_OPSET = 14
+
+
+def export_like_optimum(checkpoint: Path, out_dir: Path, onnx_file: str = "model.onnx") -> Path:
+    """Writes `checkpoint` into `out_dir` as an Optimum ONNX export; `onnx_file` "onnx/model.onnx" gives the layout
+    of hub repositories that keep the ONNX file beside the checkpoint (whose weights are then copied too)."""
+    import shutil
+    import warnings
+
+    model = AutoModelForQuestionAnswering.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in _tokenizer_inputs(checkpoint)]
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            output = self.model(**dict(zip(names, inputs, strict=True)))
+            return output.start_logits, output.end_logits
+
+    out_dir.mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        if onnx_file != "model.onnx" or not path.name.endswith(".safetensors"):
+            shutil.copy2(path, out_dir / path.name)
+    (out_dir / onnx_file).parent.mkdir(exist_ok=True)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's notice that it is the legacy one
+        torch.onnx.export(
+            Logits(),
+            tuple(torch.ones((2, 16), dtype=torch.long) for _ in names),
+            str(out_dir / onnx_file),
+            input_names=names,
+            output_names=["start_logits", "end_logits"],
+            dynamic_axes={name: OPTIMUM_AXES for name in (*names, "start_logits", "end_logits")},
+            opset_version=OPTIMUM_OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return out_dir
+
+
+def _tokenizer_inputs(checkpoint: Path) -> list[str]:
+    return list(transformers.AutoTokenizer.from_pretrained(checkpoint).model_input_names)
+
+
+def add_to_hub_cache(cache: Path, repo_id: str, files: Path, commit: str, ref: str = "main") -> Path:
+    """Lays `files` (a directory) into the Hugging Face cache `cache` (HF_HUB_CACHE) as huggingface_hub lays out a
+    download of repo_id at `commit`: blobs named by their etag (sha256 for large files, git's blob sha1 for the
+    rest), snapshots/COMMIT/PATH as relative symlinks to them, and refs/REF holding the commit. Returns the
+    snapshot directory."""
+    import hashlib
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    for path in sorted(p for p in files.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        large = path.suffix in (".safetensors", ".onnx", ".bin")
+        etag = hashlib.sha256(data).hexdigest() if large else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        blob = repo / "blobs" / etag
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / path.relative_to(files)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason in an RPC error's google.rpc.Status details ("" where none)."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info.reason
+    return ""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

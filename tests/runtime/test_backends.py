@@ -174,18 +174,12 @@ def onnx_copy(tiny_onnx_dir: Path, tmp_path: Path) -> Path:
 
 def test_corrupt_onnx_file_is_a_clear_load_error(onnx_copy: Path) -> None:
     (onnx_copy / ONNX_FILE).write_bytes(b"not a model")
-    with pytest.raises(ValueError, match=r"model\.onnx could not be loaded by ONNX Runtime"):
-        load_model(ModelSpec("bad", str(onnx_copy), device="cpu"))
-
-
-def test_missing_manifest_is_a_clear_load_error(onnx_copy: Path) -> None:
-    (onnx_copy / MANIFEST_FILE).unlink()
-    with pytest.raises(ValueError, match=r"qaserve-onnx\.json is missing beside model\.onnx"):
+    with pytest.raises(ValueError, match=r"model\.onnx could not be read as an ONNX model"):
         load_model(ModelSpec("bad", str(onnx_copy), device="cpu"))
 
 
 def test_onnx_backend_without_model_onnx_is_a_clear_load_error(tiny_model_dir: Path) -> None:
-    with pytest.raises(ValueError, match=r"needs model\.onnx"):
+    with pytest.raises(ValueError, match=r"needs an ONNX file \(model\.onnx or onnx/model\.onnx\)"):
         load_model(ModelSpec("bad", str(tiny_model_dir), backend="onnx", device="cpu"))
 
 

@@ -19,7 +19,7 @@ from qaserve_client.v1 import model_service_pb2_grpc as mpb_grpc
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import build_tiny_model, eventually, in_process_server, tiny_settings
+from qaserve_testing import build_tiny_model, error_reason, eventually, in_process_server, tiny_settings
 
 CONTEXT = "The river flows into the lake near the old mill."
 
@@ -81,18 +81,6 @@ async def model_health(channel: grpc.aio.Channel, name: str) -> int:
 
 async def has_health(channel: grpc.aio.Channel, name: str, status: int) -> bool:
     return await model_health(channel, name) == status
-
-
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    from google.rpc import error_details_pb2, status_pb2
-
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return info.reason
-    return ""
 
 
 async def test_models_load_on_use_evict_by_recency_and_report_health(

@@ -15,6 +15,7 @@ from typing import Any
 from qaserve.qa import QAParams, Windows, split_into_windows
 from qaserve.qa.windowing import resolve_params
 from qaserve.runtime.backends import Loaded, WindowInput, choose_backend, get_backend
+from qaserve.runtime.source import is_path, resolved
 from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,8 @@ class QAModel:
         self._loaded.close()
 
 
-def load_tokenizer(source: str, revision: str | None) -> Any:
-    """The model's fast (Rust) tokenizer.
+def load_tokenizer(source: str) -> Any:
+    """The fast (Rust) tokenizer of a model directory.
 
     A local directory naming its tokenizer class is loaded with that class directly: transformers' Auto classes
     import torch wherever it is installed, which a server of ONNX models must not pay for (nor run beside).
@@ -110,7 +111,7 @@ def load_tokenizer(source: str, revision: str | None) -> Any:
                 tokenizer = cls.from_pretrained(source)
                 break
     if tokenizer is None or not getattr(tokenizer, "is_fast", False):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"a fast (Rust) tokenizer is required, {source} has none")
     return tokenizer
@@ -122,13 +123,13 @@ def load_model(spec: ModelSpec, *, intra_op_threads: int = 0, tokenize_threads: 
     `tokenize_threads` tokenizer copies are made, one per thread that tokenizes (--tokenize-threads).
     """
     started = time.perf_counter()
-    source = spec.source
-    local = Path(source).is_dir()
-    if not local and source.startswith(("/", "./", "../", "~")):
-        raise FileNotFoundError(f"model directory {source} does not exist")
-    backend = get_backend(choose_backend(spec))
-    tokenizer = load_tokenizer(source, None if local else spec.revision)
-    loaded = backend.load(spec, pad_token_id=int(tokenizer.pad_token_id or 0), intra_op_threads=intra_op_threads)
+    if is_path(spec.source) and not Path(spec.source).is_dir():
+        raise FileNotFoundError(f"model directory {spec.source} does not exist")
+    local = resolved(spec)  # a hub id becomes its snapshot in the Hugging Face cache
+    source = local.source
+    backend = get_backend(choose_backend(local))
+    tokenizer = load_tokenizer(source)
+    loaded = backend.load(local, pad_token_id=int(tokenizer.pad_token_id or 0), intra_op_threads=intra_op_threads)
     try:
         model = QAModel(spec, tokenizer, loaded, tokenizer_copies=tokenize_threads)
         if spec.warmup:

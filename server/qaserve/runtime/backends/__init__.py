@@ -16,8 +16,9 @@ from qaserve.runtime.backends.base import (
     load_replicas,
     threads_per_replica,
 )
-from qaserve.runtime.backends.manifest import MANIFEST_FILE, ONNX_FILE, OnnxManifest
+from qaserve.runtime.backends.manifest import MANIFEST_FILE, ONNX_FILE, OnnxManifest, find_onnx
 from qaserve.runtime.device import accelerator_possible
+from qaserve.runtime.source import resolved
 from qaserve.runtime.spec import ModelSpec
 
 
@@ -27,13 +28,23 @@ class BackendEntry:
 
     module: str
     distribution: str  # reported by qaserve_build_info ("" where none)
+    missing: str = ""  # what a server without the framework says when a model needs it
 
 
 # The one table of backends: the settings' choices, auto's candidates and the build-info metric read it.
 # A backend is one module (see base.py) plus one line here plus, for its framework, one extra in server/pyproject.
 BACKENDS: dict[str, BackendEntry] = {
-    "torch": BackendEntry("qaserve.runtime.backends.torch", "torch"),
-    "onnx": BackendEntry("qaserve.runtime.backends.onnx", "onnxruntime"),
+    "torch": BackendEntry(
+        "qaserve.runtime.backends.torch",
+        "torch",
+        "no ONNX file here and no torch to run the checkpoint: export it where torch is (qaserve[torch] or the export "
+        "image): `qaserve export DIR OUT --quantize int8`, then serve OUT",
+    ),
+    "onnx": BackendEntry(
+        "qaserve.runtime.backends.onnx",
+        "onnxruntime",
+        "the onnx backend needs ONNX Runtime: pip install 'qaserve[cpu]' (or 'qaserve[cuda]' for NVIDIA GPUs)",
+    ),
 }
 AUTO = "auto"
 
@@ -48,20 +59,27 @@ def get_backend(name: str) -> Backend:
     entry = BACKENDS.get(name)
     if entry is None:
         raise ValueError(f"unknown backend {name!r}; choose {', '.join(backend_choices())}")
-    backend: Backend = importlib.import_module(entry.module).BACKEND
+    try:
+        module = importlib.import_module(entry.module)
+    except ModuleNotFoundError as error:
+        if error.name != entry.distribution or not entry.missing:
+            raise
+        raise ValueError(entry.missing) from None
+    backend: Backend = module.BACKEND
     return backend
 
 
 def choose_backend(spec: ModelSpec) -> str:
-    """The backend of a model. auto: onnx where the directory holds model.onnx and the model runs on the CPU,
-    torch otherwise (GPUs, and exact parity with the transformers pipeline)."""
+    """The backend of a model whose source is a directory. auto: onnx where the directory holds an ONNX file (see
+    ONNX_LAYOUTS) and the model runs on the CPU, torch otherwise (GPUs, and exact parity with the transformers
+    pipeline)."""
     if spec.backend != AUTO and spec.backend not in BACKENDS:
         raise ValueError(
             f"model {spec.name!r}: backend must be one of {', '.join(backend_choices())}, got {spec.backend!r}"
         )
     if spec.backend != AUTO:
         return spec.backend
-    if not (Path(spec.source) / ONNX_FILE).is_file():
+    if find_onnx(Path(spec.source)) is None:
         return "torch"
     if spec.device == "cpu":
         return "onnx"
@@ -75,13 +93,17 @@ def choose_backend(spec: ModelSpec) -> str:
 
 
 def plan_devices(spec: ModelSpec) -> list[str]:
-    """The devices a model will load onto, before it loads (for the model cache's byte budget)."""
-    return get_backend(choose_backend(spec)).devices(spec)
+    """The devices a model will load onto, before it loads (for the model cache's byte budget). Blocking: a hub
+    id is resolved to its snapshot in the Hugging Face cache (see source.local_directory)."""
+    local = resolved(spec)
+    return get_backend(choose_backend(local)).devices(local)
 
 
 def estimate_bytes(spec: ModelSpec) -> int:
-    """Weight bytes a model will take per device, read from file headers (no weights loaded); 0 when unknown."""
-    return get_backend(choose_backend(spec)).estimate_bytes(spec)
+    """Weight bytes a model will take per device, read from file headers (no weights loaded); 0 when unknown.
+    Blocking, as plan_devices."""
+    local = resolved(spec)
+    return get_backend(choose_backend(local)).estimate_bytes(local)
 
 
 __all__ = [

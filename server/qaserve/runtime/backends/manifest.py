@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 ONNX_FILE = "model.onnx"
+# Where a model directory may hold its ONNX file: at the top (qaserve export, Optimum's exporter) or under onnx/
+# (hub repositories that keep ONNX beside the checkpoint). The first found is served.
+ONNX_LAYOUTS = (ONNX_FILE, f"onnx/{ONNX_FILE}")
 MANIFEST_FILE = "qaserve-onnx.json"
 FORMAT_VERSION = 1
 QUANTIZATIONS = ("none", "int8")
@@ -71,6 +74,11 @@ class OnnxManifest:
             inputs=tuple(inputs),
             squad_v1_1_dev=None if squad is None else {k: float(squad[k]) for k in ("exact_match", "f1")},
         )
+
+
+def find_onnx(directory: Path) -> Path | None:
+    """The model's ONNX file in one of ONNX_LAYOUTS, or None."""
+    return next((directory / name for name in ONNX_LAYOUTS if (directory / name).is_file()), None)
 
 
 def sha256_file(path: Path) -> str:

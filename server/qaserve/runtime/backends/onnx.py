@@ -1,5 +1,5 @@
-"""The onnx backend: ONNX Runtime on the CPU (or CUDA where onnxruntime-gpu is installed), running the
-model.onnx that `qaserve export` wrote, float32 or with int8 weights."""
+"""The onnx backend: ONNX Runtime on the CPU (or CUDA with onnxruntime-gpu), running a question-answering model's
+ONNX file (`qaserve export`'s, Optimum's, or a hub repository's onnx/model.onnx), float32 or with int8 weights."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from qaserve.runtime.backends.base import Batch, Loaded, ReplicaThread, WindowInput, load_replicas
-from qaserve.runtime.backends.manifest import ONNX_FILE, OnnxManifest, sha256_file
+from qaserve.runtime.backends.manifest import ONNX_LAYOUTS, find_onnx, sha256_file
 from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -21,15 +21,41 @@ log = logging.getLogger(__name__)
 FED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("start_logits", "end_logits")
 CUDA_PROVIDER = "CUDAExecutionProvider"
+# Operators that only a quantized graph holds: ONNX Runtime's dynamic and static int8 quantization write them.
+QUANTIZED_OPS = frozenset(
+    {
+        "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMulInteger", "ConvInteger",
+        "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
+        "QGemm", "DynamicQuantizeLSTM",
+    }
+)  # fmt: skip
 
 
 def _cuda_available() -> bool:
     return CUDA_PROVIDER in ort.get_available_providers()
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    """model.onnx and, for models over 2 GB, its external data file."""
-    return [p for p in (directory / ONNX_FILE, directory / (ONNX_FILE + ".data")) if p.is_file()]
+def _weight_files(path: Path) -> list[Path]:
+    """The ONNX file and, for models over 2 GB, its external data file (named as torch or Optimum name it)."""
+    return [p for p in (path, path.with_name(path.name + ".data"), path.with_name(path.name + "_data")) if p.is_file()]
+
+
+def graph_dtype(path: Path) -> str:
+    """int8 where the graph holds quantized operators, float16 where its weights are half precision, else
+    float32: what the server reports, read from the graph (not its weights) in any layout."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as error:  # protobuf's decode errors, onnx's own: their first line says what is wrong
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path.name} could not be read as an ONNX model: {text}") from None
+    ops = {node.op_type for node in graph.node}
+    if ops & QUANTIZED_OPS:
+        return "int8"
+    if any(tensor.data_type == onnx.TensorProto.FLOAT16 for tensor in graph.initializer):
+        return "float16"
+    return "float32"
 
 
 class OnnxReplica(ReplicaThread):
@@ -52,6 +78,9 @@ class OnnxReplica(ReplicaThread):
         # spinning, and no better at concurrency 8 or 32 (bench.load --backends onnx, same-command runs).
         options.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
         if self.device.startswith("cuda"):
+            # The CUDA and cuDNN libraries of the nvidia-* wheels (the cuda extra) are not on the loader's path:
+            # onnxruntime-gpu loads them from there itself.
+            ort.preload_dlls()
             index = int(self.device.partition(":")[2] or 0)
             providers: list[Any] = [(CUDA_PROVIDER, {"device_id": index}), "CPUExecutionProvider"]
         else:
@@ -60,14 +89,20 @@ class OnnxReplica(ReplicaThread):
             session = ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
         except Exception as error:  # ORT's own exception types say little more than their text
             text = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(f"{ONNX_FILE} could not be loaded by ONNX Runtime: {text}") from None
+            raise ValueError(f"{self._path.name} could not be loaded by ONNX Runtime: {text}") from None
         inputs = [i.name for i in session.get_inputs()]
         unknown = [name for name in inputs if name not in FED_INPUTS]
         if unknown or "input_ids" not in inputs:
-            raise ValueError(f"{ONNX_FILE} takes inputs {inputs}; the server feeds {', '.join(FED_INPUTS)}")
-        outputs = {o.name for o in session.get_outputs()}
-        if not set(OUTPUTS) <= outputs:
-            raise ValueError(f"{ONNX_FILE} must output {' and '.join(OUTPUTS)}; it outputs {sorted(outputs)}")
+            raise ValueError(
+                f"not a question-answering model: {self._path.name} takes inputs {inputs}; a QA model takes "
+                f"input_ids and any of {', '.join(FED_INPUTS[1:])}"
+            )
+        outputs = [o.name for o in session.get_outputs()]
+        if not set(OUTPUTS) <= set(outputs):
+            raise ValueError(
+                f"not a question-answering model: {self._path.name} outputs {outputs}; a QA model outputs "
+                f"{' and '.join(OUTPUTS)}"
+            )
         self.session = session
         self.input_names = set(inputs)
 
@@ -106,22 +141,22 @@ class OnnxBackend:
 
     def estimate_bytes(self, spec: ModelSpec) -> int:
         """The weight files' size, once per replica (each replica holds its own session)."""
-        return sum(p.stat().st_size for p in _weight_files(Path(spec.source))) * spec.replicas_per_device
+        path = find_onnx(Path(spec.source))
+        return 0 if path is None else sum(p.stat().st_size for p in _weight_files(path)) * spec.replicas_per_device
 
     def load(self, spec: ModelSpec, *, pad_token_id: int, intra_op_threads: int) -> Loaded:
+        """Serves the directory's ONNX file; a manifest beside it (qaserve export's) is not needed: the revision is
+        the file's sha256 and the dtype is read from the graph."""
         directory = Path(spec.source)
-        if not directory.is_dir():
-            raise ValueError("the onnx backend loads local directories only")
-        path = directory / ONNX_FILE
-        if not path.is_file():
+        path = find_onnx(directory)
+        if path is None:
             raise ValueError(
-                f"the onnx backend needs {ONNX_FILE} in the model directory; make it with `qaserve export`"
+                f"the onnx backend needs an ONNX file ({' or '.join(ONNX_LAYOUTS)}); make one with `qaserve export`"
             )
-        manifest = OnnxManifest.read(directory)
-        if spec.dtype not in ("auto", manifest.dtype):
+        dtype = graph_dtype(path)
+        if spec.dtype not in ("auto", dtype):
             raise ValueError(
-                f"dtype {spec.dtype!r} does not match {ONNX_FILE}, which is {manifest.dtype} (use auto or the torch "
-                "backend)"
+                f"dtype {spec.dtype!r} does not match {path.name}, which is {dtype} (use auto or the torch backend)"
             )
         return load_replicas(
             spec,
@@ -131,7 +166,7 @@ class OnnxBackend:
             lambda replicas, close: Loaded(
                 backend=self.name,
                 replicas=replicas,
-                dtype=manifest.dtype,
+                dtype=dtype,
                 nbytes=self.estimate_bytes(spec),
                 revision=sha256_file(path),
                 max_positions=_max_positions(directory),

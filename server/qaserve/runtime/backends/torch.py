@@ -23,6 +23,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 
+# Pickled weights run code when loaded; qaserve loads safetensors only. The conversion is one line, run once.
+BIN_ONLY = (
+    'weights only in pytorch_model.bin (a pickle, not loaded): convert them once with python -c "import transformers '
+    "as t; t.AutoModelForQuestionAnswering.from_pretrained('DIR').save_pretrained('DIR')\""
+)
+
+
 def accelerator_available() -> bool:
     """Whether torch sees a CUDA or MPS device."""
     return bool(torch.cuda.is_available() or torch.backends.mps.is_available())
@@ -135,6 +142,10 @@ class TorchBackend:
         return total
 
     def load(self, spec: ModelSpec, *, pad_token_id: int, intra_op_threads: int) -> Loaded:
+        """Loads safetensors weights; a checkpoint with pickled weights only gets the line that converts it."""
+        directory = Path(spec.source)
+        if not any(directory.glob("*.safetensors")) and any(directory.glob("pytorch_model*.bin")):
+            raise ValueError(BIN_ONLY)
         devices = replica_devices(spec.device)
         dtype = resolve_dtype(spec.dtype, devices[0])
         local = Path(spec.source).is_dir()
@@ -176,7 +187,7 @@ def _from_pretrained(source: str, revision: str | None, dtype: torch.dtype, devi
     from transformers import AutoModelForQuestionAnswering
 
     module = AutoModelForQuestionAnswering.from_pretrained(
-        source, revision=revision, dtype=dtype, trust_remote_code=False
+        source, revision=revision, dtype=dtype, trust_remote_code=False, use_safetensors=True
     )
     loaded: torch.nn.Module = module.eval().to(device)
     return loaded
