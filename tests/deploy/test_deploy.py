@@ -349,3 +349,41 @@ def test_the_http_port_is_exposed_by_the_pods_and_the_service(rendered: dict[str
     broken = copy.deepcopy(rendered["base"])
     _container(broken)["env"].append({"name": "QASERVE_HTTP_PORT", "value": "8000"})
     assert any("container port http" in p for p in check.consistency_problems(broken))
+
+
+def test_model_export_component_exports_int8_where_the_server_reads_it(
+    rendered: dict[str, list[Any]], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The component's initContainer, run as rendered (its checkpoint swapped for a local one and its volume for a
+    directory), writes an int8 ONNX model that the server's models file points at, on the volume it mounts."""
+    import subprocess
+    import tomllib
+
+    from qaserve.runtime.model import load_model
+    from qaserve.runtime.spec import ModelSpec
+
+    exported = rendered["base + components/model-export"]
+    pod = _doc(exported, "Deployment")["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    assert init["image"] == f"qaserve:{check.VERSION}-export"
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    served = {m["name"]: m for m in _container(exported)["volumeMounts"]}
+    assert served["models"] == {"name": "models", "mountPath": mounts["models"], "readOnly": True}
+    models = tomllib.loads(_doc(exported, "ConfigMap")["data"]["models.toml"])
+    [default] = [m for m in models["models"] if m["name"] == models["default"]]
+    _checkpoint, out, *flags = init["args"]
+    assert out == default["source"] and Path(out).parent == Path(mounts["models"])
+    assert flags[:2] == ["--quantize", "int8"]
+
+    volume = tmp_path / "volume"
+    local_out = volume / Path(out).relative_to(mounts["models"])
+    done = subprocess.run(
+        [sys.executable, "-m", "qaserve.main", "export", str(tiny_model_dir), str(local_out), *flags[:2]],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    model = load_model(ModelSpec(default["name"], str(local_out), backend=default["backend"], device="cpu"))
+    try:
+        assert (model.backend, model.dtype) == ("onnx", "int8")
+    finally:
+        model.close()
