@@ -22,6 +22,8 @@ from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, http_request
 
 MODEL = EMBEDDED_MODEL.name
 LONG_CONTEXT = " ".join(f"Line {i}: the river number {i} flows into lake {i % 7} near Ålesund." for i in range(40))
+# Windows of 64 tokens, four to a forward pass: partial answers before the final one.
+LONG_REQUEST = {"context": LONG_CONTEXT, "maxSeqLen": 64, "docStride": 16}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ async def test_qaserve_json_is_the_protobuf_mapping_with_byte_offsets_and_reques
 
 async def test_progressive_route_streams_partials_then_the_final_answer(served: tuple[QAServer, str, str]) -> None:
     _, url, _ = served
-    request = {"question": "Where does river 3 flow?", "context": LONG_CONTEXT, "maxSeqLen": 64, "docStride": 16}
+    request = {**LONG_REQUEST, "question": "Where does river 3 flow?"}
     reply = await http_request(f"{url}/v1/answer:progressive", {"request": request})
     assert reply.status == 200 and reply.headers["content-type"] == "application/x-ndjson", reply.body
     lines = [json.loads(line) for line in reply.body.decode().splitlines()]
@@ -167,13 +169,29 @@ async def test_model_routes_list_describe_and_load(served: tuple[QAServer, str, 
     assert (await http_request(f"{url}/v2/models/{MODEL}/ready")).json() == {"name": MODEL, "ready": True}
 
 
-async def test_http_calls_are_counted_like_rpcs(served: tuple[QAServer, str, str]) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("http.Answer", "/v1/answer", {"question": SEED_QUESTION, "context": SEED_CONTEXT}),
+        ("http.AnswerProgressive", "/v1/answer:progressive", {"request": {**LONG_REQUEST, "question": "Q?"}}),
+    ],
+)
+async def test_http_calls_are_counted_like_rpcs_streams_once_they_end(
+    served: tuple[QAServer, str, str], method: str, path: str, body: dict[str, Any]
+) -> None:
     server, url, _ = served
     registry = server.metrics.registry
-    labels = {"method": "http.Answer", "model": MODEL, "code": "OK"}
+    labels = {"method": method, "model": MODEL, "code": "OK"}
     before = registry.get_sample_value("qaserve_request_duration_seconds_count", labels) or 0
-    await http_request(f"{url}/v1/answer", {"question": SEED_QUESTION, "context": SEED_CONTEXT})
+    seconds = registry.get_sample_value("qaserve_request_duration_seconds_sum", labels) or 0
+    reply = await http_request(url + path, body)
+    assert reply.status == 200
     assert registry.get_sample_value("qaserve_request_duration_seconds_count", labels) == before + 1
+    assert registry.get_sample_value("qaserve_requests_in_flight", {"method": method}) == 0
+    final = json.loads(reply.body.decode().splitlines()[-1])
+    timing = final.get("final", final)["timing"]
+    # The call is measured from its request to its last line: at least the engine's time on the whole request.
+    assert registry.get_sample_value("qaserve_request_duration_seconds_sum", labels) - seconds >= timing["totalSeconds"]
 
 
 async def test_the_v2_service_is_listed_by_reflection(served: tuple[QAServer, str, str]) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import shutil
 import socket
+import ssl
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,16 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from qaserve.server import QAServer, create_server
 
-from qaserve_testing import SEED_CONTEXT, SEED_QUESTION, HttpReply, free_port, http_request, tiny_settings
+from qaserve_testing import (
+    SEED_CONTEXT,
+    SEED_QUESTION,
+    HttpReply,
+    free_port,
+    http_request,
+    in_process_server,
+    make_pki,
+    tiny_settings,
+)
 
 TOKEN = "http-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -436,3 +448,31 @@ async def test_connections_of_the_http_listener_send_without_delay() -> None:
         _, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2])
         assert await asyncio.wait_for(accepted.get(), 10) != 0
         writer.close()
+
+
+async def test_https_takes_the_grpc_side_certificate_and_its_client_ca(tmp_path: Path, tiny_model_dir: Path) -> None:
+    pki = make_pki(tmp_path)
+    settings = tiny_settings(
+        tiny_model_dir,
+        http_port=free_port(),
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        tls_client_ca=str(pki.ca),
+    )
+
+    def get(url: str, *, client_cert: bool) -> str:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        if client_cert:
+            context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        try:
+            with urllib.request.urlopen(url, timeout=10, context=context) as response:
+                return f"{response.status} {response.read().decode()}"
+        except (OSError, http.client.HTTPException) as error:  # ssl.SSLError, resets, and the like
+            return f"refused: {type(error).__name__}"
+
+    async with in_process_server(settings) as server:
+        https = f"https://127.0.0.1:{server.http_port}/health"
+        assert await asyncio.to_thread(get, https, client_cert=True) == '200 {"status":"SERVING"}'
+        assert (await asyncio.to_thread(get, https, client_cert=False)).startswith("refused")
+        plain = f"http://127.0.0.1:{server.http_port}/health"
+        assert (await asyncio.to_thread(get, plain, client_cert=True)).startswith("refused")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from qaserve.api.errors import ErrorStatus
 from qaserve.api.health import DrainingHealthServicer
@@ -84,7 +84,10 @@ class HttpDoor:
             except BaseException as error:
                 scope.end(error)
                 raise
-            scope.end(None)
+            if isinstance(response, StreamingResponse):  # the call lasts until its last line is sent
+                response.body_iterator = _ending(response.body_iterator, scope)
+            else:
+                scope.end(None)
         response.headers[REQUEST_ID_KEY] = scope.request_id
         return response
 
@@ -157,6 +160,19 @@ def validated(model: type[Model], data: Any) -> Model:
         field = ".".join(str(part) for part in first["loc"] if not _is_type_name(part)) or "body"
         description = "is not a field of this request" if first["type"] == "extra_forbidden" else first["msg"]
         raise InvalidArgument(shorten(field), description) from None
+
+
+async def _ending(body: AsyncIterable[Any], scope: CallScope) -> AsyncIterator[Any]:
+    """`body`, then the end of the call's scope (the error it stopped on, if any, or the code set meanwhile)."""
+    error: BaseException | None = None
+    try:
+        async for chunk in body:
+            yield chunk
+    except BaseException as stopped:
+        error = stopped
+        raise
+    finally:
+        scope.end(error)
 
 
 def _is_type_name(part: str | int) -> bool:

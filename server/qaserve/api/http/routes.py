@@ -217,7 +217,7 @@ def routes(door: HttpDoor) -> APIRouter:
             scope.model = registry.label(message.request.model)
             updates = engine.answer_progressive(converters.qa_request(message.request), door.deadline(request))
             first = await anext(updates)  # errors before the first line get their HTTP status
-            return StreamingResponse(_lines(door, first, updates, scope.request_id), media_type=NDJSON)
+            return StreamingResponse(_lines(door, first, updates, scope), media_type=NDJSON)
 
         return await door.call("http.AnswerProgressive", request, "", work)
 
@@ -275,18 +275,22 @@ def routes(door: HttpDoor) -> APIRouter:
 
 
 async def _lines(
-    door: HttpDoor, first: object, updates: AsyncIterator[object], request_id: str
+    door: HttpDoor, first: object, updates: AsyncIterator[object], scope: CallScope
 ) -> AsyncIterator[bytes]:
+    """The stream's lines; an error after the first ends it with a line of its own, under the call's code."""
     async with contextlib.aclosing(updates):  # type: ignore[type-var]
         update = first
         while True:
-            yield _line(_dict(converters.progressive_response(update, request_id)))  # type: ignore[arg-type]
+            if isinstance(update, QAResult):
+                scope.timing = update.timing
+            yield _line(_dict(converters.progressive_response(update, scope.request_id)))  # type: ignore[arg-type]
             try:
                 update = await anext(updates)
             except StopAsyncIteration:
                 return
             except Exception as error:
-                failure = error_status(error, door.metrics, "http.AnswerProgressive")
+                failure = error_status(error, door.metrics, scope.method)
+                scope.code = failure.code.name
                 yield _line(failure.http_body())
                 return
 
