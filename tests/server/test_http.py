@@ -106,7 +106,9 @@ async def test_tritonclient_http_binary_and_json_tensors(served: tuple[QAServer,
                 tensor.set_data_from_numpy(np.array([text.encode()], dtype=object), binary_data=binary)
                 inputs.append(tensor)
             outputs = [triton_http.InferRequestedOutput(n, binary_data=binary) for n in ("answer", "start", "end")]
-            results.append(client.infer(MODEL, inputs, outputs=outputs if not binary else None))
+            # The JSON request also names the model's one version (/v2/models/NAME/versions/1/infer).
+            version = "" if binary else "1"
+            results.append(client.infer(MODEL, inputs, model_version=version, outputs=outputs if not binary else None))
         client.close()
         return [metadata, *results]
 

@@ -71,6 +71,8 @@ def v2_routes(door: HttpDoor) -> APIRouter:
         serving = door.health.serving()
         return JSONResponse({"ready": serving}, status_code=200 if serving else 503)
 
+    # A model has the one version "1"; the protocol's versioned paths name it, or any version, alike.
+    @router.get("/models/{name}/versions/{version}")
     @router.get("/models/{name}")
     async def model_metadata(request: Request, name: str) -> Response:
         async def work(scope: CallScope) -> Response:
@@ -78,6 +80,7 @@ def v2_routes(door: HttpDoor) -> APIRouter:
 
         return await door.call("v2.ModelMetadata", request, name, work)
 
+    @router.get("/models/{name}/versions/{version}/ready")
     @router.get("/models/{name}/ready")
     async def model_ready(request: Request, name: str) -> Response:
         async def work(scope: CallScope) -> Response:
@@ -93,6 +96,7 @@ def v2_routes(door: HttpDoor) -> APIRouter:
         }
     }
 
+    @router.post("/models/{name}/versions/{version}/infer", openapi_extra=infer_body)
     @router.post("/models/{name}/infer", openapi_extra=infer_body)
     async def infer(request: Request, name: str) -> Response:
         async def work(scope: CallScope) -> Response:
