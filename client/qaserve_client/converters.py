@@ -55,12 +55,21 @@ def result_from_read(response: pb.ReadResponse) -> ReadResult:
             for a in response.answers
         ),
         no_answer_score=response.no_answer_score if response.HasField("no_answer_score") else None,
-        score_mode=pb.ScoreMode.Name(response.score_mode).removeprefix("SCORE_MODE_").lower(),
+        score_mode=_score_mode(response.score_mode),
         model=_model_ref(response.model),
         timing=_timing(response.timing),
         windows=response.windows,
         request_id=response.request_id,
     )
+
+
+def _score_mode(number: pb.ScoreMode.ValueType) -> str:
+    """ "calibrated" or "pipeline"; a mode added to the proto after this client, by its number."""
+    try:
+        name: str = pb.ScoreMode.Name(number)
+    except ValueError:
+        return str(number)
+    return name.removeprefix("SCORE_MODE_").lower()
 
 
 def _model_ref(model: pb.ModelRef) -> ModelRef:

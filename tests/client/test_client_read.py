@@ -12,6 +12,7 @@ import pytest
 
 from qaserve_client import AsyncQAClient, Passage, QAClient, QAServeError, ReadOptions, ReadOptionsFields
 from qaserve_client.cli import main
+from qaserve_client.converters import result_from_read
 from qaserve_client.options import READ_OPTION_NAMES, read_request
 from qaserve_client.v1 import question_answering_pb2 as pb
 
@@ -101,3 +102,10 @@ async def test_the_read_command(tiny_server: tuple[object, str], capsys: pytest.
     status = await asyncio.to_thread(main, [*args, "--passage", "", "--json"])
     assert status == 64 + grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert json.loads(capsys.readouterr().err)["error"]["field_violations"][0]["field"] == "passages[1].text"
+
+
+def test_a_score_mode_this_client_does_not_know_comes_back_as_its_number() -> None:
+    response = pb.ReadResponse(score_mode=pb.SCORE_MODE_PIPELINE)
+    assert result_from_read(response).score_mode == "pipeline"
+    response.score_mode = 7  # type: ignore[assignment]
+    assert result_from_read(response).score_mode == "7"
