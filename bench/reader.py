@@ -97,13 +97,16 @@ async def closed_loop(
 
 
 def table(rows: Sequence[Row]) -> list[str]:
-    fan_out_rows = {row.concurrency: row for row in rows if row.way == "fan-out"}
+    """The rows as markdown; each compared with the fan-out row measured with it (rows come in read, fan-out
+    pairs, so a repeated concurrency compares within its own pair)."""
+    partner = {id(row): fan_out for row, fan_out in zip(rows[::2], rows[1::2], strict=True)}
+    partner.update({id(row): row for row in rows[1::2]})
     lines = [
         "| way | concurrency | questions/s | p50 ms | p95 ms | q/s vs fan-out | p50 vs fan-out | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        base = fan_out_rows.get(row.concurrency)
+        base = partner.get(id(row))
         ratio = f"{row.qps / base.qps:.2f}x" if base is not None and base.qps else "-"
         latency = f"{row.p50_ms / base.p50_ms:.2f}x" if base is not None and base.p50_ms else "-"
         errors = ", ".join(f"{code} {n}" for code, n in sorted(row.errors.items())) or "0"

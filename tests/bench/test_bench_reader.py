@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,19 @@ def test_bench_reader_runs_both_ways_end_to_end(
     ]
     assert all(cells[8].strip() == "0" for cells in lines[1:])  # no errors
     assert all(float(cells[3]) > 0 for cells in lines[1:])
+
+
+def test_each_read_row_is_compared_with_the_fan_out_measured_with_it() -> None:
+    rows = [
+        reader.Row("read", 8, 2.0, 100.0, 150.0, Counter()),
+        reader.Row("fan-out", 8, 1.0, 200.0, 300.0, Counter()),
+        reader.Row("read", 8, 3.0, 100.0, 150.0, Counter({"UNAVAILABLE": 2})),
+        reader.Row("fan-out", 8, 4.0, 50.0, 80.0, Counter()),
+    ]
+    cells = [line.split("|")[6:9] for line in reader.table(rows)[2:]]
+    assert [[c.strip() for c in row] for row in cells] == [
+        ["2.00x", "0.50x", "0"],
+        ["1.00x", "1.00x", "0"],
+        ["0.75x", "2.00x", "UNAVAILABLE 2"],
+        ["1.00x", "1.00x", "0"],
+    ]
