@@ -94,7 +94,7 @@ class ReplicaThread(abc.ABC):
         try:
             self.executor.submit(self.open, threads).result()
         except BaseException:
-            self.executor.shutdown(wait=False)
+            self.executor.shutdown(wait=True)
             raise
 
     @abc.abstractmethod
