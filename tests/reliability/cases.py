@@ -220,7 +220,7 @@ BAD_INPUT: tuple[Case, ...] = (
     ),  # 13 context tokens, room for 6: several windows
     Case("max_question_len 0", INVALID + "max_question_len", answer(max_question_len=0)),
     Case("max_question_len INT32_MIN", INVALID + "max_question_len", answer(max_question_len=INT32_MIN)),
-    Case("max_question_len INT32_MAX (README: >= 1)", "OK", answer(max_question_len=INT32_MAX)),
+    Case("max_question_len INT32_MAX (docs/api.md: >= 1)", "OK", answer(max_question_len=INT32_MAX)),
     Case("model: unknown name", NOT_FOUND, answer(model="nope")),
     Case("model: configured name in other case", NOT_FOUND, answer(model=MODEL.upper())),
     Case("model: /etc/passwd", NOT_FOUND, answer(model="/etc/passwd")),

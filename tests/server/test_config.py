@@ -27,7 +27,7 @@ from qaserve.qa.types import MAX_TOP_K
 from qaserve.qa.windowing import MIN_MAX_SEQ_LEN
 from qaserve.runtime.spec import ModelSpec
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+CONFIGURATION_DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def test_defaults_serve_the_embedded_model() -> None:
@@ -108,12 +108,12 @@ def test_every_setting_has_a_flag_a_variable_and_help() -> None:
             assert f"{flag_name(name)} " in help_text and f"[{env_name(name)};" in help_text, name
 
 
-def test_readme_tables_are_the_fields() -> None:
-    """The README's tables of flags and models-file keys are made from the fields: every setting, every key."""
+def test_configuration_doc_tables_are_the_fields() -> None:
+    """docs/configuration.md's tables of flags and models-file keys come from the fields: every setting, every key."""
     tables = markdown_tables()
-    readme = README.read_text()
+    doc = CONFIGURATION_DOC.read_text()
     for table in tables.split("\n\n"):
-        assert table in readme, "regenerate the README's tables with qaserve.config.markdown_tables()"
+        assert table in doc, "regenerate docs/configuration.md's tables with qaserve.config.markdown_tables()"
     for name, field in Settings.model_fields.items():
         assert (f"`{env_name(name)}`" if is_env_only(field) else f"`{flag_name(name)}`") in tables, name
     for key in ModelEntry.model_fields.keys() | ModelsFile.model_fields.keys() - {"models"}:

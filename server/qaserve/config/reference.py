@@ -1,4 +1,4 @@
-"""The README's reference tables of settings and models-file keys, made from the fields."""
+"""The reference tables (docs/configuration.md) of settings and models-file keys, made from the fields."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from qaserve.config.text import allowed_text, default_text, has_allowed
 
 
 def markdown_tables() -> str:
-    """The README's tables of settings and models-file keys, made from the fields (a test keeps them equal)."""
+    """docs/configuration.md's tables of settings and models-file keys, from the fields (a test keeps them equal)."""
     rows = ["| flag | default | allowed | meaning |", "|---|---|---|---|"]
     for name, field in Settings.model_fields.items():
         allowed = allowed_text(field) if has_allowed(field) else ""

@@ -37,7 +37,7 @@ def _known_backend(name: str) -> str:
     return name
 
 
-BACKENDS_ALLOWED: JsonDict = {"allowed": ", ".join(backend_choices())}  # for help and the README table
+BACKENDS_ALLOWED: JsonDict = {"allowed": ", ".join(backend_choices())}  # for help and the docs table
 Backend = Annotated[str, AfterValidator(_known_backend), Field(json_schema_extra=BACKENDS_ALLOWED)]
 Dtype = Literal["auto", "float32", "float16", "bfloat16", "int8"]
 DEVICES: JsonDict = {"allowed": "auto, cpu, cuda, cuda:N, mps"}  # the pattern below, in words
