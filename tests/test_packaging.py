@@ -48,7 +48,7 @@ def wheels(release: Path) -> dict[str, Path]:
 def server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """`qaserve serve` on a free loopback port, serving the embedded model."""
     process = subprocess.Popen(
-        [BIN / "qaserve", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
+        [BIN / "qaserve", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0"],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "QASERVE_LOG_FORMAT": "text"},
