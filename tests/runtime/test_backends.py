@@ -22,6 +22,7 @@ from qaserve.runtime.backends import (
     plan_devices,
 )
 from qaserve.runtime.backends.manifest import sha256_file
+from qaserve.runtime.device import cpu_cores
 from qaserve.runtime.model import QAModel, load_model
 from qaserve.runtime.spec import ModelSpec
 
@@ -165,6 +166,29 @@ def test_torch_loads_and_runs_only_on_replica_threads(tiny_model_dir: Path, monk
         assert sorted(threads[1:]) == ["forward-t-cpu-0_0", "forward-t-cpu-1_0"]
     finally:
         model.close()
+
+
+def test_by_default_a_cpu_model_runs_a_lane_per_core_and_a_solo_replica_with_every_core(
+    tiny_model_dir: Path, tiny_int8_dir: Path
+) -> None:
+    import torch
+
+    cores = cpu_cores()
+    lanes = [f"cpu-{i}" for i in range(cores)]
+    for directory in (tiny_int8_dir, tiny_model_dir):
+        model = load_model(ModelSpec("m", str(directory), device="cpu"))
+        try:
+            by_label = {r.label.removeprefix("m-"): r for r in model.replicas}
+            assert sorted(by_label) == sorted(lanes + (["cpu-solo"] if cores > 1 else []))
+            assert (model.solo is by_label.get("cpu-solo")) and (model.solo is None) == (cores == 1)
+            for label, replica in by_label.items():
+                want = cores if label == "cpu-solo" else 1
+                if model.backend == "onnx":  # the session's own setting
+                    assert replica.session.get_session_options().intra_op_num_threads == want
+                else:  # torch's intra-op threads are per thread: asked on the replica's own
+                    assert replica.executor.submit(torch.get_num_threads).result() == want
+        finally:
+            model.close()
 
 
 @pytest.fixture

@@ -60,18 +60,34 @@ class Rig:
 
 class MakeRig(Protocol):
     def __call__(
-        self, *, replicas: int = 1, max_windows: int = 32, max_tokens: int = 16384, max_wait: float = 0.002
+        self,
+        *,
+        replicas: int = 1,
+        max_windows: int = 32,
+        max_tokens: int = 16384,
+        max_wait: float = 0.002,
+        spread: bool = False,
+        solo: bool = False,
     ) -> Rig: ...
 
 
-def build_rig(*, replicas: int = 1, max_windows: int = 32, max_tokens: int = 16384, max_wait: float = 0.002) -> Rig:
-    """A started batcher over fresh fake replicas, with metrics on a fresh registry; call from the loop."""
-    fakes = [FakeReplica(f"fake-{i}") for i in range(replicas)]
+def build_rig(
+    *,
+    replicas: int = 1,
+    max_windows: int = 32,
+    max_tokens: int = 16384,
+    max_wait: float = 0.002,
+    spread: bool = False,
+    solo: bool = False,
+) -> Rig:
+    """A started batcher over fresh fake replicas (`solo`: plus one more, the last, as its solo replica), with
+    metrics on a fresh registry; call from the loop."""
+    fakes = [FakeReplica(f"fake-{i}") for i in range(replicas)] + ([FakeReplica("fake-solo")] if solo else [])
     for fake in fakes:
         fake.outputs = lambda windows: [output_of(w) for w in windows]
     registry = CollectorRegistry()
-    limits = BatchLimits(max_windows=max_windows, max_tokens=max_tokens, max_wait=max_wait)
-    batcher: Batcher[Win, str] = Batcher(MODEL, fakes, limits, Metrics(registry))
+    limits = BatchLimits(max_windows=max_windows, max_tokens=max_tokens, max_wait=max_wait, spread=spread)
+    batcher: Batcher[Win, str] = Batcher(MODEL, fakes, limits, Metrics(registry), solo=fakes[-1] if solo else None)
     batcher.start()
     return Rig(batcher, fakes, registry)
 
@@ -263,6 +279,80 @@ async def test_replicas_run_batches_at_the_same_time(make_rig: MakeRig) -> None:
 
     assert (await first)[0] == expected("first", [10])
     assert (await second)[0] == expected("second", [10])
+
+
+# -- the CPU policy: lanes, their share of the queue, and the solo replica ------------------------------------
+
+
+async def test_spread_batches_take_only_equal_lengths_and_at_most_a_lanes_share(make_rig: MakeRig) -> None:
+    rig = make_rig(replicas=2, spread=True)
+    for replica in rig.replicas:
+        replica.hold()
+    blockers = [submit(rig.batcher, f"blocker-{i}", [1]) for i in range(2)]
+    await eventually(lambda: all(r.batches for r in rig.replicas), "both lanes to be busy")
+    long = submit(rig.batcher, "long", [384, 384, 384, 384, 200])
+    short = submit(rig.batcher, "short", [50])
+    await eventually(lambda: rig.batcher.queued_windows == 6, "every window to be queued")
+    for replica in rig.replicas:
+        replica.release()
+
+    assert (await long)[0] == expected("long", [384, 384, 384, 384, 200])
+    assert (await short)[0] == expected("short", [50])
+    await asyncio.gather(*blockers)
+    batches = [batch for r in rig.replicas for batch in r.batches]
+    assert all(len({w.length for w in batch}) == 1 for batch in batches), "a CPU batch takes no padding"
+    assert max(len(batch) for batch in batches) == 3  # 6 windows queued over 2 lanes: at most 3 each
+    assert all(rig.replicas[i].batches[1:] for i in range(2)), "both lanes share the queued windows"
+
+
+async def test_lone_window_on_idle_lanes_runs_on_the_solo_replica(make_rig: MakeRig) -> None:
+    rig = make_rig(replicas=2, spread=True, solo=True)
+    *lanes, solo = rig.replicas
+
+    assert (await asyncio.wait_for(run(rig.batcher, "lone", [30]), PATIENCE))[0] == expected("lone", [30])
+
+    assert solo.seen() == [Win("lone", 0, 30)]
+    assert not any(lane.batches for lane in lanes)
+
+
+async def test_lanes_never_run_beside_the_solo_replica_and_take_what_queues_behind_it(make_rig: MakeRig) -> None:
+    rig = make_rig(replicas=2, spread=True, solo=True)
+    *lanes, solo = rig.replicas
+    solo.hold()
+    lone = submit(rig.batcher, "lone", [30])
+    await eventually(lambda: bool(solo.batches), "the lone window to reach the solo replica")
+    pair = submit(rig.batcher, "pair", [20, 20])
+    await eventually(lambda: rig.batcher.queued_windows == 2, "the pair to be queued")
+    await asyncio.sleep(0.05)
+    assert not any(lane.batches for lane in lanes), "a lane started while the solo replica held every core"
+    solo.release()
+
+    assert (await lone)[0] == expected("lone", [30])
+    assert (await pair)[0] == expected("pair", [20, 20])
+    assert solo.seen() == [Win("lone", 0, 30)]
+    assert sorted(len(lane.seen()) for lane in lanes) == [1, 1], "the pair's windows ran side by side on the lanes"
+
+
+async def test_a_second_window_goes_to_a_free_lane_while_another_lane_runs(make_rig: MakeRig) -> None:
+    rig = make_rig(replicas=2, spread=True, solo=True)
+    *lanes, solo = rig.replicas
+    for lane in lanes:
+        lane.hold()
+    pair = submit(rig.batcher, "pair", [20, 20])
+    await eventually(lambda: all(lane.batches for lane in lanes), "both lanes to take a window")
+    lanes[0].release()
+    third = submit(rig.batcher, "third", [10])  # one window queued, but a lane still runs: not the solo's turn
+
+    await eventually(lambda: len(lanes[0].batches) == 2, "the free lane to take it")
+    lanes[1].release()
+    assert (await third)[0] == expected("third", [10])
+    assert (await pair)[0] == expected("pair", [20, 20])
+    assert not solo.batches
+
+
+def test_the_solo_replica_is_one_of_the_replicas() -> None:
+    with pytest.raises(ValueError, match="solo replica"):
+        Batcher(MODEL, [FakeReplica()], BatchLimits(), Metrics(CollectorRegistry()), solo=FakeReplica("other"))
 
 
 # -- waiting for requests being tokenized ---------------------------------------------------------------------

@@ -23,12 +23,13 @@ MB = 1_000_000
 
 
 class FakeModel:
-    """What the registry needs of a QAModel: replicas, devices, bytes, revision, dtype, close()."""
+    """What the registry needs of a QAModel: replicas, solo, devices, bytes, revision, dtype, close()."""
 
     def __init__(self, spec: ModelSpec, nbytes: int) -> None:
         self.spec = spec
         self.name = spec.name
         self.replicas = [FakeReplica(spec.name)]
+        self.solo = None
         self.devices = ["cpu"]
         self.nbytes = nbytes
         self.revision = f"rev-{spec.name}"
@@ -269,15 +270,16 @@ def spec(name: str, **keys: Any) -> ModelSpec:
     return ModelSpec(name=name, source=f"/models/{name}", device="cpu", **keys)
 
 
-async def test_each_batcher_takes_its_models_limits_with_the_devices_token_budget_for_0(make: Make) -> None:
+async def test_each_batcher_takes_its_models_limits_with_the_devices_token_budget_and_policy(make: Make) -> None:
     loader = Loader()
     registry = make(loader, spec("a", max_batch_windows=4, max_wait_ms=10.0), spec("b", max_batch_tokens=2048))
 
     a = await registry.get("a")
     b = await registry.get("b")
 
-    assert a.batcher.limits == BatchLimits(max_windows=4, max_tokens=default_batch_tokens("cpu"), max_wait=0.01)
-    assert b.batcher.limits == BatchLimits(max_windows=32, max_tokens=2048, max_wait=0.002)
+    cpu = default_batch_tokens("cpu")
+    assert a.batcher.limits == BatchLimits(max_windows=4, max_tokens=cpu, max_wait=0.01, spread=True)
+    assert b.batcher.limits == BatchLimits(max_windows=32, max_tokens=2048, max_wait=0.002, spread=True)
 
 
 async def test_reconfigure_adds_models_and_loads_those_to_preload(make: Make) -> None:

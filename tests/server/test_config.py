@@ -193,7 +193,7 @@ ONE = '[[models]]\nname = "a"\nsource = "a"\n'
         (ONE + 'pinned = "no"\n', "model 'a': pinned: 'no' is not allowed; expected true or false"),
         (ONE + 'preload = "false"\n', "model 'a': preload: 'false' is not allowed; expected true or false"),
         (ONE + "warmup = 1\n", "model 'a': warmup: 1 is not allowed; expected true or false"),
-        (ONE + "replicas_per_device = 0\n", "model 'a': replicas_per_device: 0 is not allowed; expected an integer"),
+        (ONE + "replicas_per_device = -1\n", "model 'a': replicas_per_device: -1 is not allowed; expected an integer"),
         (ONE + 'replicas_per_device = "2"\n', "model 'a': replicas_per_device: '2' is not allowed"),
         (ONE + 'device = "gpu"\n', "model 'a': device: 'gpu' is not allowed; expected one of auto, cpu, cuda,"),
         (ONE + 'dtype = "fp16"\n', "model 'a': dtype: 'fp16' is not allowed; expected one of auto, float32"),

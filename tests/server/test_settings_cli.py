@@ -125,7 +125,7 @@ def test_bad_environment_and_models_file_exit_2_with_one_line(ran: dict[str, Ran
         (["--port", "1", "--backend", "tensorrt"], {"QASERVE_PORT": "abc"}, "", ("--backend", "auto, torch, onnx")),
         ([], {}, UNKNOWN_KEY, ("model 'minilm'", "unknown key 'trust_remote_code'", "replicas_per_device")),
         ([], {}, '[[models]]\nname = "m"\nsource = "."\npreload = "false"\n', ("model 'm'", "preload", "'false'")),
-        ([], {}, '[[models]]\nname = "m"\nsource = "."\nreplicas_per_device = 0\n', ("replicas_per_device", ">= 1")),
+        ([], {}, '[[models]]\nname = "m"\nsource = "."\nreplicas_per_device = -1\n', ("replicas_per_device", ">= 0")),
         (["--auth-tokens", TOKEN], {}, "", ("--auth-tokens is not a flag", "QASERVE_AUTH_TOKENS")),
     ],
 )

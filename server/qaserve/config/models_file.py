@@ -44,8 +44,9 @@ class ModelEntry(BaseModel):
     )
     dtype: Dtype | None = Field(None, description="weights' dtype", json_schema_extra=_server("dtype"))
     replicas_per_device: int | None = Field(
-        None, ge=1, description="forward threads per device", json_schema_extra=_server("replicas_per_device")
-    )
+        None, ge=0, description="forward threads per device; 0 = by the batching policy",
+        json_schema_extra=_server("replicas_per_device"),
+    )  # fmt: skip
     pinned: bool = Field(False, description="never evicted nor unloaded")
     preload: bool = Field(False, description="loaded before the server reports SERVING; a failure stops the start")
     warmup: bool = Field(True, description="one forward pass per replica at load")

@@ -101,9 +101,12 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         2.0, ge=0, description="longest a free replica waits for windows of requests still being tokenized"
     )
-    replicas_per_device: int = Field(1, ge=1, description="model replicas (forward threads) per device")
+    replicas_per_device: int = Field(
+        0, ge=0, description="model replicas (forward threads) per device; 0 = by the batching policy (CPU: one "
+        "single-threaded replica per core plus one with every core for a lone request; GPU: 1)"
+    )  # fmt: skip
     intra_op_threads: int = Field(
-        0, ge=0, description="threads of one forward pass (torch and onnx); 0 = by rule from the cores and replicas"
+        0, ge=0, description="threads of one forward pass (torch and onnx); 0 = by the batching policy"
     )
     tokenize_threads: int = Field(2, ge=1, description="threads for tokenizing and decoding")
     response_cache_bytes: int = Field(

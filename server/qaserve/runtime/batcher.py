@@ -52,6 +52,9 @@ class BatchLimits:
     # Longest a free replica waits for windows of requests still being tokenized; it never waits when nothing
     # is on its way, so a lone request on an idle server goes straight through.
     max_wait: float = 0.002
+    # The CPU policy (runtime/policy.py): a batch takes only windows of its oldest window's length, at most its
+    # replica's share of the queue (queued windows / replicas), and a free replica does not wait for more.
+    spread: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,12 +205,28 @@ class Batcher(Generic[In, Out]):
 
     Windows of cancelled or expired requests leave the queue before they cost a forward pass; a failing forward
     fails exactly the requests whose windows were in that batch.
+
+    `solo`, one of `replicas` (a CPU model's replica with every core, runtime/policy.py), runs a lone window:
+    it alone starts when one window is queued and no forward pass runs, and no other replica starts while it runs.
     """
 
-    def __init__(self, model: str, replicas: Sequence[Replica[In, Out]], limits: BatchLimits, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        model: str,
+        replicas: Sequence[Replica[In, Out]],
+        limits: BatchLimits,
+        metrics: Metrics,
+        solo: Replica[In, Out] | None = None,
+    ) -> None:
+        if solo is not None and solo not in replicas:
+            raise ValueError("the solo replica must be one of the replicas")
         self.model = model
         self.limits = limits
         self._replicas = list(replicas)
+        self._solo = solo
+        self._lanes = max(1, len(self._replicas) - (solo is not None))
+        self._running = 0  # forward passes in flight
+        self._solo_running = False
         self._metrics = metrics
         self._pending: dict[int, QueuedWindow] = {}
         self._keys = itertools.count()
@@ -285,16 +304,22 @@ class Batcher(Generic[In, Out]):
 
     async def _consume(self, replica: Replica[In, Out]) -> None:
         loop = asyncio.get_running_loop()
+        solo = replica is self._solo
         while not self._closed:
-            await self._wait_for_work()
+            await self._wait_for_turn(replica)
             if self._closed:
                 return
-            await self._wait_for_incoming(loop)
+            if solo or not self.limits.spread:
+                await self._wait_for_incoming(loop)
+                if not self._may_run(replica):
+                    continue
             batch = self._take_batch(loop.time())
             if not batch:
                 continue
             requests = {queued.request for queued in batch}
             started = time.perf_counter()
+            self._running += 1
+            self._solo_running = solo
             try:
                 outputs = await loop.run_in_executor(replica.executor, replica.forward, [q.window for q in batch])
                 if len(outputs) != len(batch):
@@ -308,6 +333,11 @@ class Batcher(Generic[In, Out]):
                 for request in requests:
                     self._fail(request, InferenceFailed("the model failed to process this request"))
                 continue
+            finally:
+                self._running -= 1
+                self._solo_running = False
+                if self._solo is not None:
+                    self._wake()  # the cores this pass held are free: the solo replica or the lanes may start
             seconds = time.perf_counter() - started
             self._forward_estimate = (
                 seconds if not self._forward_estimate else 0.8 * self._forward_estimate + 0.2 * seconds
@@ -320,11 +350,22 @@ class Batcher(Generic[In, Out]):
                 if not queued.request.done():
                     queued.request.deliver(queued.index, output)
 
-    async def _wait_for_work(self) -> None:
+    async def _wait_for_turn(self, replica: Replica[In, Out]) -> None:
+        """Until windows are queued that this replica may take (see _may_run)."""
         assert self._wakeup is not None
-        while not self._pending and not self._closed:
+        while not (self._pending and self._may_run(replica)) and not self._closed:
             self._wakeup.clear()
             await self._wakeup.wait()
+
+    def _may_run(self, replica: Replica[In, Out]) -> bool:
+        """With a solo replica: it takes a lone window while nothing runs; the others take everything else, and
+        never start beside it."""
+        if self._solo is None:
+            return True
+        if self._solo_running:
+            return False
+        lone = self._running == 0 and len(self._pending) == 1
+        return lone if replica is self._solo else not lone
 
     async def _wait_for_incoming(self, loop: asyncio.AbstractEventLoop) -> None:
         """Gives requests being tokenized up to max_wait to join a batch that is not full yet."""
@@ -357,6 +398,10 @@ class Batcher(Generic[In, Out]):
             self._update_depth()
             return []
         anchor = candidates[0].length
+        most = limits.max_windows
+        if limits.spread:
+            most = min(most, -(-len(candidates) // self._lanes))
+            candidates = [queued for queued in candidates if queued.length == anchor]
         candidates.sort(key=lambda queued: abs(queued.length - anchor))  # stable: FIFO among equal distances
         batch: list[QueuedWindow] = []
         longest = 0
@@ -366,7 +411,7 @@ class Batcher(Generic[In, Out]):
                 continue
             batch.append(queued)
             longest = width
-            if len(batch) >= limits.max_windows:
+            if len(batch) >= most:
                 break
         for queued in batch:
             del self._pending[queued.key]

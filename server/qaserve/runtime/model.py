@@ -37,6 +37,7 @@ class QAModel:
         self._loaded = loaded
         self.backend = loaded.backend
         self.replicas = list(loaded.replicas)
+        self.solo = loaded.solo  # runs a lone window while the other replicas idle (runtime/policy.py)
         # Read on every request (its cache key and model reference): fixed at load, so worked out once.
         self.devices = sorted({str(r.device) for r in self.replicas})
         self.revision = loaded.revision

@@ -18,6 +18,7 @@ from qaserve.runtime.budget import Budget, Holding
 from qaserve.runtime.cache_entry import CacheEntry, ModelInfo, ModelState, Retiring, ServingModel, describe_failure
 from qaserve.runtime.device import default_batch_tokens
 from qaserve.runtime.model import QAModel, load_model
+from qaserve.runtime.policy import spreads_windows
 from qaserve.runtime.reconfigure import Reconfigured, plan_reconfigure
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
 
@@ -328,7 +329,7 @@ class ModelRegistry:
         log.info("loading model %s", spec.name)
         model = await asyncio.to_thread(self._loader, spec)
         batcher: Batcher[WindowInput, WindowLogits] = Batcher(
-            spec.name, model.replicas, batch_limits(spec, model.devices[0]), self._metrics
+            spec.name, model.replicas, batch_limits(spec, model.devices[0]), self._metrics, solo=model.solo
         )
         batcher.start()
         return ServingModel(model, batcher)
@@ -396,9 +397,11 @@ class ModelRegistry:
 
 
 def batch_limits(spec: ModelSpec, device: str) -> BatchLimits:
-    """A model's batching limits on `device`: max_batch_tokens 0 takes the device's default."""
+    """A model's batching limits on `device`: max_batch_tokens 0 takes the device's default; how batches form
+    there is the batching policy's (runtime/policy.py)."""
     return BatchLimits(
         max_windows=spec.max_batch_windows,
         max_tokens=spec.max_batch_tokens or default_batch_tokens(device),
         max_wait=spec.max_wait_ms / 1000.0,
+        spread=spreads_windows(device),
     )

@@ -17,7 +17,7 @@ class ModelSpec:
     backend: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
-    replicas_per_device: int = 1
+    replicas_per_device: int = 0  # 0: by the batching policy (runtime/policy.py)
     pinned: bool = False  # never evicted nor unloaded
     preload: bool = False  # loaded at start, before the server reports SERVING
     warmup: bool = True  # one forward pass per replica at load, so the first request is not the slow one

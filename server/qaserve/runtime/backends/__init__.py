@@ -14,10 +14,10 @@ from qaserve.runtime.backends.base import (
     WindowInput,
     WindowLogits,
     load_replicas,
-    threads_per_replica,
 )
 from qaserve.runtime.backends.manifest import MANIFEST_FILE, ONNX_FILE, OnnxManifest, find_onnx
 from qaserve.runtime.device import accelerator_possible
+from qaserve.runtime.policy import threads_per_replica
 from qaserve.runtime.source import resolved
 from qaserve.runtime.spec import ModelSpec
 

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qaserve.runtime.batcher import Replica
-from qaserve.runtime.device import cpu_cores, device_type
+from qaserve.runtime.policy import replica_plan
 from qaserve.runtime.spec import ModelSpec
 
 Logits = npt.NDArray[np.float32]
@@ -49,12 +49,14 @@ class Loaded:
     """What a backend made of a model: replicas ready to run, and what they report."""
 
     backend: str  # its name in the BACKENDS table
-    replicas: Sequence[Replica[WindowInput, WindowLogits]]
+    replicas: Sequence[Replica[WindowInput, WindowLogits]]  # every replica, the solo one included
     dtype: str  # float32, float16, bfloat16, int8
     nbytes: int  # weight bytes held per device
     revision: str  # sha256:<hex> of the weights file, or the hub commit
     max_positions: int | None  # the model config's max_position_embeddings, where it records one
     close: Callable[[], None]  # frees the replicas (on their own threads) and their device memory
+    # The replica with every core that runs a lone window while the others idle (policy.py); load_replicas sets it.
+    solo: Replica[WindowInput, WindowLogits] | None = None
 
 
 class Backend(Protocol):
@@ -72,8 +74,8 @@ class Backend(Protocol):
 
     def load(self, spec: ModelSpec, *, pad_token_id: int, intra_op_threads: int) -> Loaded:
         """Loads the weights into replicas, each on its own thread (blocking: call off the event loop).
-        `intra_op_threads` is the --intra-op-threads setting (0 = by rule, see threads_per_replica); load_replicas
-        makes the replicas with it."""
+        `intra_op_threads` is the --intra-op-threads setting (0 = by the batching policy, policy.replica_plan);
+        load_replicas makes the replicas with it."""
         ...
 
 
@@ -89,6 +91,7 @@ class ReplicaThread(abc.ABC):
     def __init__(self, label: str, device: str, pad_token_id: int, threads: int) -> None:
         self.label = label
         self.device = device
+        self.threads = threads  # intra-op threads of its forward passes
         self.pad_token_id = pad_token_id
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{label}")
         try:
@@ -143,24 +146,6 @@ def pad_inputs(windows: Sequence[WindowInput], pad_token_id: int, with_types: bo
     return Batch(input_ids, attention_mask, token_type_ids)
 
 
-def threads_per_replica(requested: int, replicas_on_device: int, device: str) -> int:
-    """Intra-op threads of one replica's forward passes (torch's set_num_threads, ONNX Runtime's
-    intra_op_num_threads).
-
-    `requested` > 0 (--intra-op-threads) is used as it is. Otherwise a CPU's cores are split between the model's
-    replicas on it: cores // replicas, at least 1. A replica runs one forward pass at a time on its own thread, so
-    its thread team plus the others' fill the cores without two teams spinning on one core (that costs ~40% per
-    forward on 2 cores). Tokenizing and decoding are not subtracted: they are a few percent of a request's time.
-    Models busy at the same time each size their teams this way, so several busy CPU models share the cores.
-    A GPU replica gets 1: its CPU side only launches kernels.
-    """
-    if requested > 0:
-        return requested
-    if device_type(device) != "cpu":
-        return 1
-    return max(1, cpu_cores() // max(1, replicas_on_device))
-
-
 R = TypeVar("R", bound=ReplicaThread)
 D = TypeVar("D")
 
@@ -172,9 +157,11 @@ def load_replicas(
     make: Callable[[str, D, int], R],
     describe: Callable[[list[R], Callable[[], None]], Loaded],
 ) -> Loaded:
-    """spec.replicas_per_device replicas on each device, made in turn by `make(label, device, threads)`, then
-    `describe(replicas, close)`: what they loaded. On any failure the replicas made so far are closed."""
+    """The replicas the batching policy plans on each device (policy.replica_plan), made in turn by
+    `make(label, device, threads)`, then `describe(replicas, close)`: what they loaded, with the solo replica set.
+    On any failure the replicas made so far are closed."""
     replicas: list[R] = []
+    solo: R | None = None
 
     def close() -> None:
         for replica in replicas:
@@ -183,10 +170,15 @@ def load_replicas(
 
     try:
         for device in devices:
-            threads = threads_per_replica(intra_op_threads, spec.replicas_per_device, str(device))
-            for i in range(spec.replicas_per_device):
+            plan = replica_plan(str(device), spec.replicas_per_device, intra_op_threads)
+            for i, threads in enumerate(plan.lanes):
                 replicas.append(make(f"{spec.name}-{device}-{i}", device, threads))
-        return describe(list(replicas), close)
+            if plan.solo:
+                solo = make(f"{spec.name}-{device}-solo", device, plan.solo)
+                replicas.append(solo)
+        loaded = describe(list(replicas), close)
+        loaded.solo = solo
+        return loaded
     except BaseException:
         close()
         raise

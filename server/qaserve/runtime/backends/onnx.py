@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from qaserve.runtime.backends.base import Batch, Loaded, ReplicaThread, WindowInput, load_replicas
 from qaserve.runtime.backends.manifest import ONNX_LAYOUTS, find_onnx, sha256_file
+from qaserve.runtime.policy import replica_plan
 from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,10 @@ class OnnxBackend:
     def estimate_bytes(self, spec: ModelSpec) -> int:
         """The weight files' size, once per replica (each replica holds its own session)."""
         path = find_onnx(Path(spec.source))
-        return 0 if path is None else sum(p.stat().st_size for p in _weight_files(path)) * spec.replicas_per_device
+        if path is None:
+            return 0
+        replicas = replica_plan(self.devices(spec)[0], spec.replicas_per_device, 0).count
+        return sum(p.stat().st_size for p in _weight_files(path)) * replicas
 
     def load(self, spec: ModelSpec, *, pad_token_id: int, intra_op_threads: int) -> Loaded:
         """Serves the directory's ONNX file; a manifest beside it (qaserve export's) is not needed: the revision is

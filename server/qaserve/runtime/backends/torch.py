@@ -97,6 +97,9 @@ class TorchReplica(ReplicaThread):
         super().__init__(label, str(device), pad_token_id, threads)
 
     def open(self, threads: int) -> None:
+        # A thread's first torch call sizes its OpenMP team from the process-wide setting (the last replica's), undoing
+        # any size set before it: so that first call happens here, then this replica's own size holds for good.
+        torch.get_num_threads()
         torch.set_num_threads(threads)
         self.module = self._weights(self._device)
 
