@@ -1,7 +1,8 @@
-"""Throughput and latency of qaserve against the bare model, in one run, printed as one table with ratios.
+"""Throughput and latency of qaserve against the bare model, in interleaved rounds, printed as one table with ratios.
 
 Workload: SQuAD v1.1 dev questions, every 35th one (302), each with its own paragraph as context (one window each,
-nearly always). Every row runs the same questions for the same measured seconds, after a warm-up:
+nearly always; --context-paragraphs N joins the N - 1 paragraphs that follow it, for long contexts of several
+windows). Every row runs the same questions for the same measured seconds, after a warm-up:
 
   (a)  bare transformers + torch fp32, in its own clean process (bench/bare.py: no qaserve import, the default
        environment), tokenize + forward, one question at a time; answers are not decoded, the model call is the
@@ -15,10 +16,14 @@ nearly always). Every row runs the same questions for the same measured seconds,
        concurrency 1 and 32, and the Open Inference Protocol over gRPC (ModelInfer) at concurrency 1, each compared
        with the qaserve.v1 gRPC row of its concurrency.
 
-Ratios against (a) on every row (q/s, and p50 difference at concurrency 1), and against (a') on the onnx rows.
+Every row is measured once per round (--rounds, 3), each round running them all in turn (bare, servers, bare, ...),
+so that a noisy host's drift shows as a row's range and hits both sides of a ratio alike. The table gives each row's
+median and range; ratios against (a) and (a') (q/s, and p50 difference at concurrency 1) are taken round by round,
+then their median and range; then the targets (bench/rounds.py), and with --plot a PNG of q/s and p99 against
+concurrency.
 
-    make bench                                     # about 3 minutes per model
-    make bench ARGS="--seconds 5 --limit 100 --markdown bench.md"
+    make bench                                     # about 8 minutes per model
+    make bench ARGS="--rounds 1 --seconds 5 --limit 100 --markdown bench.md --plot bench.png"
 
 With --target HOST:PORT the same workload goes to a server started elsewhere (a port-forwarded pod, a Service),
 plaintext or --tls, with --token-file, over --channels connections: closed loop at each --concurrency, or with --rate
@@ -50,6 +55,7 @@ from pathlib import Path
 
 import grpc
 
+from bench import rounds
 from bench.bare import percentile
 from bench.doors import GRPC, HTTP_JSON, V2_GRPC, door
 from bench.drive import Connection, Measured, closed_loop, open_loop, requests_of, stubs
@@ -80,6 +86,7 @@ class Row:
     bare: bool = False
     offered: float | None = None  # open loop: the arrival rate, q/s
     door: str = GRPC
+    round: int = 1  # which of the interleaved rounds measured it
 
     @classmethod
     def of(
@@ -100,9 +107,18 @@ class Row:
         )
 
 
-def select_workload(questions: Sequence[Question], stride: int, limit: int | None) -> list[tuple[str, str]]:
-    """Every `stride`-th question (from the first), each with its own paragraph; at most `limit` of them."""
-    return [(q.question, q.context) for q in questions[::stride]][:limit]
+def select_workload(
+    questions: Sequence[Question], stride: int, limit: int | None, paragraphs: int = 1
+) -> list[tuple[str, str]]:
+    """Every `stride`-th question (from the first), each with its own paragraph and the `paragraphs` - 1 that follow
+    it in the file (a long context of several windows, the answer in its first); at most `limit` of them."""
+    contexts = list(dict.fromkeys(q.context for q in questions))
+    place = {context: i for i, context in enumerate(contexts)}
+
+    def context_of(q: Question) -> str:
+        return "\n\n".join(contexts[place[q.context] : place[q.context] + paragraphs])
+
+    return [(q.question, context_of(q)) for q in questions[::stride]][:limit]
 
 
 def clean_env() -> dict[str, str]:
@@ -206,7 +222,13 @@ async def _door_loop(
 
 
 def server_rows(
-    args: argparse.Namespace, model: str, model_dir: Path, workload: list[tuple[str, str]], backend: str, cache: bool
+    args: argparse.Namespace,
+    model: str,
+    model_dir: Path,
+    workload: list[tuple[str, str]],
+    backend: str,
+    cache: bool,
+    round_: int = 1,
 ) -> list[Row]:
     server = ServerProcess(args.qaserve, model_dir, model, backend, cache, shlex.split(args.server_args))
     label = f"qaserve --backend {backend}, cache off" if not cache else "qaserve default (backend auto, cache on)"
@@ -218,6 +240,7 @@ def server_rows(
                 _closed_loop(Connection(server.target), workload, concurrency, args.seconds, args.warmup)
             )
             row = Row.of(model, label, backend, concurrency, measured)
+            row.round = round_
             progress(row)
             rows.append(row)
         doors = DOOR_CONCURRENCY.items() if not cache and args.doors else ()
@@ -225,6 +248,7 @@ def server_rows(
             for concurrency in levels:
                 measured = asyncio.run(_door_loop(server, name, workload, concurrency, args.seconds, args.warmup))
                 row = Row.of(model, f"{label}, {name}", backend, concurrency, measured, door=name)
+                row.round = round_
                 progress(row)
                 rows.append(row)
     finally:
@@ -323,9 +347,10 @@ def target_main(args: argparse.Namespace, argv: Sequence[str], workload: list[tu
         *([kept_up(rows)] if args.rate else []),
         f"- errors: {errors}",
     ]
-    if args.rate and args.plot:
-        write_plot(rows, args.plot, f"qaserve at {args.target}")
-        report.append(f"- plot: {args.plot}")
+    if args.rate:
+        plot = args.plot or Path("load.png")
+        write_plot(rows, plot, f"qaserve at {args.target}")
+        report.append(f"- plot: {plot}")
     text = "\n".join(report)
     print(text)
     if args.markdown:
@@ -337,81 +362,14 @@ def target_main(args: argparse.Namespace, argv: Sequence[str], workload: list[tu
 
 
 def progress(row: Row) -> None:
-    print(f"  {row.model}: {row.label} @ {row.concurrency}: {row.qps:.1f} q/s, p50 {row.p50:.1f} ms", file=sys.stderr)
-
-
-def ratio_cells(row: Row, base: Row | None) -> tuple[str, str]:
-    """q/s ratio and, at concurrency 1, the p50 difference in ms, against a baseline row."""
-    if base is None:
-        return "", ""
-    qps = f"{row.qps / base.qps:.2f}x"
-    p50 = f"{row.p50 - base.p50:+.1f}" if row.concurrency == 1 else ""
-    return qps, p50
+    print(
+        f"  round {row.round}, {row.model}: {row.label} @ {row.concurrency}: {row.qps:.1f} q/s, p50 {row.p50:.1f} ms",
+        file=sys.stderr,
+    )
 
 
 def format_errors(errors: Counter[str]) -> str:
     return ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) or "0"
-
-
-def table(rows: list[Row], baselines: dict[tuple[str, str], Row]) -> list[str]:
-    lines = [
-        "| model | row | concurrency | q/s | p50 ms | p95 ms | p99 ms | errors | q/s vs (a) | p50 vs (a), ms "
-        "| q/s vs (a') | p50 vs (a'), ms |",
-        "|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|",
-    ]
-    for row in rows:
-        a = ratio_cells(row, baselines.get((row.model, "torch")))
-        a_onnx = ratio_cells(row, baselines.get((row.model, "onnx"))) if row.backend == "onnx" else ("", "")
-        errors = "" if row.bare else format_errors(row.errors)
-        lines.append(
-            f"| {row.model} | {row.label} | {row.concurrency} | {row.qps:.1f} | {row.p50:.1f} | {row.p95:.1f} "
-            f"| {row.p99:.1f} | {errors} | {a[0]} | {a[1]} | {a_onnx[0]} | {a_onnx[1]} |"
-        )
-    return lines
-
-
-def summary(rows: list[Row], baselines: dict[tuple[str, str], Row]) -> list[str]:
-    """One line per served backend: the concurrency-1 latency cost and the concurrency-32 throughput ratio."""
-    lines = []
-    for (model, backend), group in group_rows(rows).items():
-        a = baselines.get((model, "torch"))
-        if a is None:
-            continue
-        parts = []
-        for row in group:
-            if row.concurrency == 1:
-                parts.append(f"concurrency 1 p50 {row.p50 - a.p50:+.1f} ms vs (a)")
-            if row.concurrency == 32:
-                parts.append(f"concurrency 32 {row.qps / a.qps:.2f}x (a)'s q/s")
-                if backend == "onnx" and (model, "onnx") in baselines:
-                    parts.append(f"{row.qps / baselines[(model, 'onnx')].qps:.2f}x (a')'s")
-        if parts:
-            lines.append(f"- {model}, qaserve --backend {backend}, cache off: " + "; ".join(parts))
-    return lines
-
-
-def door_summary(rows: list[Row]) -> list[str]:
-    """One line per other door's row: against the qaserve.v1 gRPC row of the same server and concurrency."""
-    grpc_rows = {(r.model, r.backend, r.concurrency): r for r in rows if r.door == GRPC and not r.bare}
-    lines = []
-    for row in rows:
-        base = grpc_rows.get((row.model, row.backend, row.concurrency))
-        if row.door == GRPC or base is None:
-            continue
-        if row.concurrency == 1:
-            compared = f"p50 {row.p50 - base.p50:+.2f} ms vs gRPC ({row.p50:.2f} vs {base.p50:.2f})"
-        else:
-            compared = f"{row.qps / base.qps:.2f}x gRPC's q/s ({row.qps:.1f} vs {base.qps:.1f})"
-        lines.append(f"- {row.model}, --backend {row.backend}, {row.door} @ {row.concurrency}: {compared}")
-    return lines
-
-
-def group_rows(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
-    groups: dict[tuple[str, str], list[Row]] = {}
-    for row in rows:
-        if not row.bare and row.backend != "auto" and row.door == GRPC:
-            groups.setdefault((row.model, row.backend), []).append(row)
-    return groups
 
 
 def version(distribution: str) -> str:
@@ -493,6 +451,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--backends", default="torch,onnx", help="backends served with the cache off: torch, onnx, or empty"
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every local row (default 3)")
+    parser.add_argument(
+        "--context-paragraphs", type=int, default=1, help="paragraphs per context: 1, or more for long contexts"
+    )
     parser.add_argument("--warmup", type=float, help="seconds run before each row is measured (default min(2, s/4))")
     parser.add_argument("--stride", type=int, default=35, help="every N-th SQuAD dev question (default 35)")
     parser.add_argument("--limit", type=int, help="at most N questions")
@@ -526,7 +488,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     remote.add_argument("--ca-file", type=Path, help="TLS, the server checked against this CA (PEM)")
     remote.add_argument("--server-name", help="the name the server's certificate must hold (TLS)")
     remote.add_argument("--token-file", type=Path, help="send the bearer token this file holds")
-    remote.add_argument("--plot", type=Path, default=Path("load.png"), help="p50/p99 plot of the --rate rows (PNG)")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="PNG: q/s and p99 against concurrency (local rows); with --target --rate, p50/p99 against the offered "
+        "rate (default load.png)",
+    )
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.rate = [float(r) for r in args.rate.split(",") if r.strip()]
@@ -539,72 +506,100 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--backends: unknown {', '.join(sorted(unknown))} (torch, onnx)")
     if args.warmup is None:
         args.warmup = min(2.0, args.seconds / 4)
-    if args.stride < 1 or (args.limit is not None and args.limit < 1) or min(args.concurrency) < 1:
-        parser.error("--stride, --limit and --concurrency must be at least 1")
+    if min(args.stride, args.rounds, args.context_paragraphs, *args.concurrency) < 1 or (args.limit or 1) < 1:
+        parser.error("--stride, --limit, --concurrency, --rounds and --context-paragraphs must be at least 1")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    workload = select_workload(load_questions(args.data), args.stride, args.limit)
+    workload = select_workload(load_questions(args.data), args.stride, args.limit, args.context_paragraphs)
     if args.target:
         return target_main(args, argv, workload)
     rows: list[Row] = []
-    baselines: dict[tuple[str, str], Row] = {}
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as scratch:
         workload_file = Path(scratch) / "workload.json"
         workload_file.write_text(json.dumps(workload))
-        for model, model_dir in model_dirs(args.models, Path(scratch)):
-            has_onnx = (model_dir / "model.onnx").is_file()
-            bare = ["torch", "onnx"] if has_onnx else ["torch"]
-            if not has_onnx:
+        models = model_dirs(args.models, Path(scratch))
+        for model, model_dir in models:
+            if not (model_dir / "model.onnx").is_file():
                 notes.append(f"{model}: no model.onnx, so no (a') and no onnx rows (`qaserve export` writes one)")
-            for backend in bare:
-                row, result = run_bare(backend, model, model_dir, workload_file, args.seconds, args.warmup)
-                baselines[(model, backend)] = row
-                rows.append(row)
-                progress(row)
-                if backend == "torch":
-                    notes.append(
-                        f"{model}: {result['windows']} windows for {result['questions']} questions, mean "
-                        f"{result['mean_window_tokens']:.0f} tokens; bare torch on {result['threads']} threads"
-                    )
-            for backend in args.backends:
-                if backend == "onnx" and not has_onnx:
-                    continue
-                rows += server_rows(args, model, model_dir, workload, backend, cache=False)
-            if args.cache_row:
-                rows += server_rows(args, model, model_dir, workload, "auto", cache=True)
+        for round_ in range(1, args.rounds + 1):
+            for model, model_dir in models:
+                rows += round_rows(args, model, model_dir, workload, workload_file, round_, notes)
 
     errors = sum(sum(row.errors.values()) for row in rows)
     report = [
-        f"qaserve bench: {len(workload)} questions of {args.data.name} (1 in {args.stride}, each with its own "
-        f"paragraph), {args.seconds:g} s per row after {args.warmup:g} s of warm-up",
+        f"qaserve bench: {len(workload)} questions of {args.data.name} (1 in {args.stride}, each with "
+        f"{'its own paragraph' if args.context_paragraphs == 1 else f'{args.context_paragraphs} paragraphs'}), "
+        f"{args.seconds:g} s per row after {args.warmup:g} s of warm-up, {args.rounds} interleaved round(s)",
         "",
         f"- machine: {machine()}",
         f"- versions: python {platform.python_version()}, qaserve {version('qaserve')} (git {git_commit()}), "
         f"torch {version('torch')}, transformers {version('transformers')}, onnxruntime {version('onnxruntime')}, "
-        f"tokenizers {version('tokenizers')}, grpcio {version('grpcio')}",
+        f"tokenizers {version('tokenizers')}, grpcio {version('grpcio')}, protobuf {version('protobuf')} "
+        f"({protobuf_backend()} backend)",
         f"- command: `{command_line(argv)}`",
         *(f"- {note}" for note in notes),
         "- (a), (a'): bench/bare.py in a clean process (no qaserve import, no OMP_/MKL_/QASERVE_ variables), "
         "tokenize + forward one question at a time, answers not decoded. Server rows: `qaserve serve --device cpu` "
         "(and `--response-cache-bytes 0` where the cache is off) in the same clean environment, closed-loop gRPC "
-        "clients in this process (HTTP JSON: aiohttp, keep-alive); q/s counts answers.",
+        "clients in this process (HTTP JSON: aiohttp, keep-alive); q/s counts answers. Cells: median (lowest to "
+        "highest) over the rounds; ratios taken within each round.",
         "",
-        *table(rows, baselines),
+        *rounds.table(rows),
         "",
-        *summary(rows, baselines),
-        *door_summary(rows),
+        *rounds.targets(rows),
+        *rounds.doors(rows),
         f"- errors: {errors}",
     ]
+    if args.plot:
+        rounds.write_plot(rows, args.plot, f"qaserve against the bare model, {machine().split(',')[0]}")
+        report.append(f"- plot: {args.plot}")
     text = "\n".join(report)
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")
     return 1 if errors else 0
+
+
+def round_rows(
+    args: argparse.Namespace,
+    model: str,
+    model_dir: Path,
+    workload: list[tuple[str, str]],
+    workload_file: Path,
+    round_: int,
+    notes: list[str],
+) -> list[Row]:
+    """One round of a model's rows: the bare baselines, then each backend served, then the cached default."""
+    has_onnx = (model_dir / "model.onnx").is_file()
+    rows = []
+    for backend in ["torch", "onnx"] if has_onnx else ["torch"]:
+        row, result = run_bare(backend, model, model_dir, workload_file, args.seconds, args.warmup)
+        row.round = round_
+        rows.append(row)
+        progress(row)
+        if backend == "torch" and round_ == 1:
+            notes.append(
+                f"{model}: {result['windows']} windows for {result['questions']} questions, mean "
+                f"{result['mean_window_tokens']:.0f} tokens; bare torch on {result['threads']} threads"
+            )
+    for backend in args.backends:
+        if backend != "onnx" or has_onnx:
+            rows += server_rows(args, model, model_dir, workload, backend, False, round_)
+    if args.cache_row:
+        rows += server_rows(args, model, model_dir, workload, "auto", True, round_)
+    return rows
+
+
+def protobuf_backend() -> str:
+    """upb, cpp or python: how protobuf messages are parsed and serialized in this process."""
+    from google.protobuf.internal import api_implementation
+
+    return str(api_implementation.Type())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bench import load
+from bench import load, rounds
+from bench.evaldata import Question
 from bench.load import Row
 from qaserve_client import tls_credentials
 
@@ -45,43 +46,74 @@ def test_baselines_and_servers_start_without_thread_or_qaserve_variables(monkeyp
     assert env["HOME_FOR_TEST"] == "kept"
 
 
-def row(label: str, backend: str, concurrency: int, qps: float, p50: float, bare: bool = False) -> Row:
-    return Row("m", label, backend, concurrency, qps, p50, p50 * 2, p50 * 3, Counter(), bare=bare)
+def row(label: str, backend: str, concurrency: int, qps: float, p50: float, round_: int, bare: bool = False) -> Row:
+    return Row("m", label, backend, concurrency, qps, p50, p50 * 2, p50 * 3, Counter(), bare=bare, round=round_)
 
 
-def test_ratios_against_bare_torch_everywhere_and_bare_onnx_on_onnx_rows() -> None:
-    a = row("(a)", "torch", 1, 40.0, 22.0, bare=True)
-    a_onnx = row("(a')", "onnx", 1, 64.0, 14.0, bare=True)
-    rows = [
-        a,
-        a_onnx,
-        row("torch", "torch", 1, 38.0, 24.5),
-        row("torch", "torch", 32, 44.0, 700.0),
-        row("onnx", "onnx", 1, 60.0, 15.0),
-        row("onnx", "onnx", 32, 80.0, 400.0),
+def two_rounds() -> list[Row]:
+    """The host ran at half speed in round 2: the bare models and the server alike."""
+    return [
+        row("(a)", "torch", 1, 40.0, 22.0, 1, bare=True),
+        row("(a')", "onnx", 1, 64.0, 14.0, 1, bare=True),
+        row("onnx", "onnx", 1, 60.0, 15.0, 1),
+        row("onnx", "onnx", 32, 80.0, 400.0, 1),
+        row("torch", "torch", 32, 44.0, 700.0, 1),
+        row("(a)", "torch", 1, 20.0, 44.0, 2, bare=True),
+        row("(a')", "onnx", 1, 32.0, 28.0, 2, bare=True),
+        row("onnx", "onnx", 1, 30.0, 30.0, 2),
+        row("onnx", "onnx", 32, 40.0, 800.0, 2),
+        row("torch", "torch", 32, 22.0, 1400.0, 2),
     ]
-    baselines = {("m", "torch"): a, ("m", "onnx"): a_onnx}
-    cells = [[c.strip() for c in line.split("|")[9:13]] for line in load.table(rows, baselines)[2:]]
-    assert cells == [
-        ["1.00x", "+0.0", "", ""],
-        ["1.60x", "-8.0", "1.00x", "+0.0"],
-        ["0.95x", "+2.5", "", ""],  # p50 differences only at concurrency 1
-        ["1.10x", "", "", ""],
-        ["1.50x", "-7.0", "0.94x", "+1.0"],
-        ["2.00x", "", "1.25x", ""],
+
+
+def test_rows_show_median_and_range_and_ratios_are_taken_within_each_round_against_both_bare_models() -> None:
+    lines = rounds.table(two_rounds())[2:]
+    cells = [[c.strip() for c in line.split("|")[2:-1]] for line in lines]
+    assert [c[:5] for c in cells] == [
+        ["(a)", "1", "30.0 (20.0 to 40.0)", "33.0 (22.0 to 44.0)", "99.0 (66.0 to 132.0)"],
+        ["(a')", "1", "48.0 (32.0 to 64.0)", "21.0 (14.0 to 28.0)", "63.0 (42.0 to 84.0)"],
+        ["onnx", "1", "45.0 (30.0 to 60.0)", "22.5 (15.0 to 30.0)", "67.5 (45.0 to 90.0)"],
+        ["onnx", "32", "60.0 (40.0 to 80.0)", "600.0 (400.0 to 800.0)", "1800.0 (1200.0 to 2400.0)"],
+        ["torch", "32", "33.0 (22.0 to 44.0)", "1050.0 (700.0 to 1400.0)", "3150.0 (2100.0 to 4200.0)"],
     ]
-    assert load.summary(rows, baselines) == [
-        "- m, qaserve --backend torch, cache off: concurrency 1 p50 +2.5 ms vs (a); concurrency 32 1.10x (a)'s q/s",
-        "- m, qaserve --backend onnx, cache off: concurrency 1 p50 -7.0 ms vs (a); concurrency 32 2.00x (a)'s q/s; "
-        "1.25x (a')'s",
+    # Each round's ratio: the drift cancels (1.25x in both rounds), where ratios of medians would not separate it.
+    assert [c[6:] for c in cells] == [
+        ["1.00x (1.00 to 1.00)", "+0.0 (+0.0 to +0.0)", "0.62x (0.62 to 0.62)", "+12.0 (+8.0 to +16.0)"],
+        ["1.60x (1.60 to 1.60)", "-12.0 (-16.0 to -8.0)", "1.00x (1.00 to 1.00)", "+0.0 (+0.0 to +0.0)"],
+        ["1.50x (1.50 to 1.50)", "-10.5 (-14.0 to -7.0)", "0.94x (0.94 to 0.94)", "+1.5 (+1.0 to +2.0)"],
+        ["2.00x (2.00 to 2.00)", "", "1.25x (1.25 to 1.25)", ""],  # p50 differences only at concurrency 1
+        ["1.10x (1.10 to 1.10)", "", "0.69x (0.69 to 0.69)", ""],
     ]
+    assert rounds.targets(two_rounds()) == [
+        "- m, onnx @ 1: p50 at most +1.5 ms over (a'): +1.5 ms (+1.0 to +2.0): met",
+        "- m, onnx @ 32: at least 1x (a')'s q/s: 1.25x (1.25 to 1.25): met",
+        "- m, torch @ 32: at least 1.2x (a)'s q/s: 1.10x (1.10 to 1.10): NOT met",
+    ]
+
+
+def test_a_row_without_a_bare_model_in_its_round_gets_no_ratio() -> None:
+    rows = [row("(a)", "torch", 1, 40.0, 22.0, 1, bare=True), row("onnx", "onnx", 1, 60.0, 15.0, 2)]
+    (_, served) = rounds.table(rows)[2:]
+    assert [c.strip() for c in served.split("|")[8:12]] == ["", "", "", ""]
 
 
 def test_errors_are_printed_by_code() -> None:
-    failing = row("torch", "torch", 8, 1.0, 1.0)
+    failing = row("torch", "torch", 8, 1.0, 1.0, 1)
     failing.errors.update({"UNAVAILABLE": 2, "DEADLINE_EXCEEDED": 1})
-    (line,) = load.table([failing], {})[2:]
-    assert "| DEADLINE_EXCEEDED 1, UNAVAILABLE 2 |" in line
+    again = row("torch", "torch", 8, 1.0, 1.0, 2)
+    again.errors.update({"UNAVAILABLE": 1})
+    (line,) = rounds.table([failing, again])[2:]
+    assert "| DEADLINE_EXCEEDED 1, UNAVAILABLE 3 |" in line
+
+
+def test_long_contexts_join_the_paragraphs_that_follow_a_questions_own() -> None:
+    questions = [Question(str(i), f"q{i}", f"paragraph {i // 2}", ()) for i in range(6)]  # two questions each
+    assert load.select_workload(questions, 2, None, paragraphs=2) == [
+        ("q0", "paragraph 0\n\nparagraph 1"),
+        ("q2", "paragraph 1\n\nparagraph 2"),
+        ("q4", "paragraph 2"),  # the last paragraph has none after it
+    ]
+    assert load.select_workload(questions, 1, 2) == [("q0", "paragraph 0"), ("q1", "paragraph 0")]
 
 
 @pytest.fixture
@@ -99,22 +131,26 @@ def data(tmp_path: Path) -> Path:
 def test_bench_runs_the_bare_baseline_and_the_default_server_end_to_end(
     tiny_model_dir: Path, tmp_path: Path, data: Path
 ) -> None:
-    """A short run on a tiny model: the bare torch baseline and the default server's row; the report names the
-    machine, the command and zero errors."""
-    report = tmp_path / "bench.md"
+    """A short run on a tiny model in two rounds: the bare torch baseline and the default server's row, each with
+    its range over the rounds; the report names the machine, the command, protobuf's backend and zero errors; the
+    plot is written."""
+    report, plot = tmp_path / "bench.md", tmp_path / "bench.png"
     argv = ["--models", str(tiny_model_dir), "--data", str(data), "--stride", "1", "--seconds", "0.3"]
-    argv += ["--warmup", "0", "--backends", "", "--concurrency", "2", "--markdown", str(report)]
+    argv += ["--warmup", "0", "--backends", "", "--concurrency", "2", "--markdown", str(report), "--rounds", "2"]
 
-    assert load.main(argv) == 0
+    assert load.main([*argv, "--plot", str(plot)]) == 0
 
     text = report.read_text()
-    assert "2 questions of squad.json (1 in 1" in text
+    assert "2 questions of squad.json (1 in 1" in text and "2 interleaved round(s)" in text
     assert "CPU cores" in text and "- command: `" in text and "--stride 1" in text
+    assert "(upb backend)" in text  # protobuf's C parser, not the pure-Python one
     assert "no model.onnx, so no (a')" in text
     lines = [line for line in text.splitlines() if line.startswith(f"| {tiny_model_dir.name} |")]
     labels = [line.split("|")[2].strip() for line in lines]
     assert labels == ["(a) bare torch fp32", "qaserve default (backend auto, cache on)"]
-    assert lines[1].split("|")[8].strip() == "0"  # errors
+    assert all(" to " in line.split("|")[4] for line in lines)  # q/s: median (lowest to highest) over the rounds
+    assert lines[1].split("|")[7].strip() == "0"  # errors
+    assert plot.read_bytes().startswith(b"\x89PNG")
     windows = next(line for line in text.splitlines() if "windows for 2 questions" in line)
     assert int(windows.split(": ")[1].split()[0]) > 2
     assert "- errors: 0" in text
@@ -171,7 +207,7 @@ def test_the_other_doors_are_measured_on_the_same_server_and_compared_with_its_g
     data.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": SEED_CONTEXT, "qas": qas}]}]}))
     report = tmp_path / "bench.md"
     argv = ["--models", str(tiny_model_dir), "--data", str(data), "--seconds", "0.3", "--warmup", "0", "--stride", "1"]
-    argv += ["--backends", "torch", "--concurrency", "1,32", "--no-cache-row", "--markdown", str(report)]
+    argv += ["--backends", "torch", "--concurrency", "1,32", "--no-cache-row", "--markdown", str(report), "--rounds", "1"]
 
     assert load.main(argv) == 0
 
@@ -179,6 +215,6 @@ def test_the_other_doors_are_measured_on_the_same_server_and_compared_with_its_g
     rows = [line.split("|") for line in text.splitlines() if line.startswith(f"| {tiny_model_dir.name} | qaserve")]
     doors = [(cells[2].strip().rpartition(", ")[2], int(cells[3])) for cells in rows]
     assert doors == [("cache off", 1), ("cache off", 32), ("HTTP JSON", 1), ("HTTP JSON", 32), ("V2 gRPC", 1)]
-    assert all(cells[8].strip() == "0" for cells in rows)  # errors
+    assert all(cells[7].strip() == "0" for cells in rows)  # errors
     assert "HTTP JSON @ 1: p50" in text and "HTTP JSON @ 32: " in text and "V2 gRPC @ 1: p50" in text
     assert "- errors: 0" in text

@@ -279,8 +279,9 @@ async def bad_input(ctx: Context, case: Case) -> Row:
 
 # -- faults (in-process server: models tiny (pinned), spare and gone (unpinned, loaded on first use)) ------------
 
-# Settings of the fault server: small batches, so a failing forward pass has few bystanders to take with it.
-FAULT_SERVER_SETTINGS: dict[str, Any] = {"max_batch_windows": 4}
+# Settings of the fault server: small batches, so a failing forward pass has few bystanders to take with it, on one
+# replica per model, so that a fault injected into it meets every request.
+FAULT_SERVER_SETTINGS: dict[str, Any] = {"max_batch_windows": 4, "replicas_per_device": 1}
 
 
 @dataclass

@@ -350,6 +350,25 @@ async def test_a_second_window_goes_to_a_free_lane_while_another_lane_runs(make_
     assert not solo.batches
 
 
+async def test_forward_time_counts_passes_running_side_by_side_once(make_rig: MakeRig) -> None:
+    rig = make_rig(replicas=2, spread=True)
+    for replica in rig.replicas:
+        replica.hold()
+    started = time.perf_counter()
+    pair = submit(rig.batcher, "pair", [20, 20])
+    await eventually(lambda: all(r.batches for r in rig.replicas), "both lanes to run a window")
+    await asyncio.sleep(0.05)
+    for replica in rig.replicas:
+        replica.release()
+
+    _, timing = await pair
+    elapsed = time.perf_counter() - started
+    passes = [rig.sample("qaserve_forward_duration_seconds_sum", model=MODEL, device=r.device) for r in rig.replicas]
+    assert timing.batch_sizes == (1, 1)
+    assert timing.forward < sum(p or 0.0 for p in passes)  # the passes overlapped: their shared time counts once
+    assert timing.queue + timing.forward <= elapsed
+
+
 def test_the_solo_replica_is_one_of_the_replicas() -> None:
     with pytest.raises(ValueError, match="solo replica"):
         Batcher(MODEL, [FakeReplica()], BatchLimits(), Metrics(CollectorRegistry()), solo=FakeReplica("other"))

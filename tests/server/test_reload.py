@@ -115,8 +115,8 @@ async def test_a_models_in_flight_bound_refuses_its_excess_while_other_models_se
     serving = server.engine.registry.loaded("main")
     assert serving is not None
     gate = threading.Event()
-    # Occupies main's replica thread, so main's first request stays in flight until the gate opens.
-    blocker = serving.model.replicas[0].executor.submit(gate.wait, PATIENCE)
+    # Occupies main's replica threads, so main's first request stays in flight until the gate opens.
+    blockers = [replica.executor.submit(gate.wait, PATIENCE) for replica in serving.model.replicas]
     try:
         async with grpc.aio.insecure_channel(target, options=NO_RETRIES) as channel:
             stub = pb_grpc.QuestionAnsweringServiceStub(channel)
@@ -137,7 +137,8 @@ async def test_a_models_in_flight_bound_refuses_its_excess_while_other_models_se
             answered = await first
     finally:
         gate.set()
-        blocker.result(PATIENCE)
+        for blocker in blockers:
+            blocker.result(PATIENCE)
 
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "model 'main' is at its limit of 1" in (refused.value.details() or "")

@@ -78,8 +78,11 @@ class QueuedRequest(Generic[Out]):
     arrived: deque[tuple[int, Out]] = field(default_factory=deque)
     error: BaseException | None = None
     closed: bool = False  # its consumer went away: nothing more to run or deliver
+    # Seconds during which at least one forward pass held its windows (passes on several replicas at once count once)
     forward_seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)  # windows in each forward pass it rode in
+    passes_running: int = 0
+    forward_since: float = 0.0
     waiter: asyncio.Future[None] | None = None  # set while its consumer waits for results
 
     def done(self) -> bool:
@@ -92,6 +95,16 @@ class QueuedRequest(Generic[Out]):
         if self.remaining == 0:
             self.finished_at = time.perf_counter()
         self._wake()
+
+    def pass_started(self, at: float) -> None:
+        if not self.passes_running:
+            self.forward_since = at
+        self.passes_running += 1
+
+    def pass_ended(self, at: float) -> None:
+        self.passes_running -= 1
+        if not self.passes_running:
+            self.forward_seconds += at - self.forward_since
 
     def fail(self, error: BaseException) -> None:
         self.error = error
@@ -318,6 +331,8 @@ class Batcher(Generic[In, Out]):
                 continue
             requests = {queued.request for queued in batch}
             started = time.perf_counter()
+            for request in requests:
+                request.pass_started(started)
             self._running += 1
             self._solo_running = solo
             try:
@@ -334,17 +349,19 @@ class Batcher(Generic[In, Out]):
                     self._fail(request, InferenceFailed("the model failed to process this request"))
                 continue
             finally:
+                ended = time.perf_counter()
+                for request in requests:
+                    request.pass_ended(ended)
                 self._running -= 1
                 self._solo_running = False
                 if self._solo is not None:
                     self._wake()  # the cores this pass held are free: the solo replica or the lanes may start
-            seconds = time.perf_counter() - started
+            seconds = ended - started
             self._forward_estimate = (
                 seconds if not self._forward_estimate else 0.8 * self._forward_estimate + 0.2 * seconds
             )
             self._observe(replica, batch, seconds)
             for request in requests:
-                request.forward_seconds += seconds
                 request.batch_sizes.append(len(batch))
             for queued, output in zip(batch, outputs, strict=True):
                 if not queued.request.done():
