@@ -10,7 +10,7 @@ GO_PKG := client/go/qaserve/v1
 ARGS ?=
 
 .PHONY: install browser prometheus node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker \
-	docker-export wheels image-context release deploy-check bench bench-reader accuracy \
+	docker-export wheels image-context release deploy-check bench bench-reader bench-gpu accuracy \
 	parity reliability clean
 
 install: $(STAMP)
@@ -258,6 +258,10 @@ deploy-check: $(STAMP)
 # (ARGS: --backend torch|onnx, --model DIR, --limit N). parity: against the transformers 4.x pipeline (--backend).
 bench: $(STAMP)
 	PYTHONPATH=tests $(BIN)/python -m bench.load $(ARGS)
+
+# bench/gpu.py on a CUDA GPU (ARGS: --dtypes, --batch-sizes, --dry-run to check it on a CPU; see --help).
+bench-gpu: $(STAMP)
+	PYTHONPATH=tests $(BIN)/python -m bench.gpu $(ARGS)
 
 accuracy: $(STAMP)
 	$(BIN)/python -m bench.accuracy $(ARGS)

@@ -2,9 +2,9 @@
 provider over a sweep of batch sizes, then qaserve --backend torch on the GPU at concurrency 1/8/32/64, with the
 GPU's utilisation (NVIDIA management library, where pynvml or nvidia-ml-py is installed) beside every row.
 
-    python -m bench.gpu                                   # the embedded model; about 2-3 minutes
-    python -m bench.gpu --model DIR --dtypes float16 --batch-sizes 1,8,64 --markdown gpu.md
-    python -m bench.gpu --dry-run                         # the same steps on the CPU, briefly: checks the script
+    make bench-gpu                                        # the embedded model; about 2-3 minutes
+    make bench-gpu ARGS="--model DIR --dtypes float16 --batch-sizes 1,8,64 --markdown gpu.md"
+    make bench-gpu ARGS=--dry-run                         # the same steps on the CPU, briefly: checks the script
 
 Bare rows feed windows of SQuAD dev questions (every 35th, each with its own paragraph) in batches of the given size,
 padded to the batch's longest window, and count windows per second (tokenizing excluded: the model is the limit
