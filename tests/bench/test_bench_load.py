@@ -207,7 +207,8 @@ def test_the_other_doors_are_measured_on_the_same_server_and_compared_with_its_g
     data.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": SEED_CONTEXT, "qas": qas}]}]}))
     report = tmp_path / "bench.md"
     argv = ["--models", str(tiny_model_dir), "--data", str(data), "--seconds", "0.3", "--warmup", "0", "--stride", "1"]
-    argv += ["--backends", "torch", "--concurrency", "1,32", "--no-cache-row", "--markdown", str(report), "--rounds", "1"]
+    argv += ["--backends", "torch", "--concurrency", "1,32", "--no-cache-row", "--rounds", "1"]
+    argv += ["--markdown", str(report)]
 
     assert load.main(argv) == 0
 
