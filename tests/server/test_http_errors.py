@@ -241,16 +241,19 @@ async def test_overload_is_429_with_retry_after_in_every_form(served: Served) ->
 
 @contextlib.contextmanager
 def failing_forward(served: Served) -> Any:
-    replica = served.server.engine.registry.loaded("tiny").model.replicas[0]  # type: ignore[union-attr]
+    """Every replica's forward pass fails (whichever the batching policy gives the request)."""
+    replicas = served.server.engine.registry.loaded("tiny").model.replicas  # type: ignore[union-attr]
 
     def broken(windows: list[Any]) -> list[Any]:
         raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
 
-    replica.forward = broken
+    for replica in replicas:
+        replica.forward = broken
     try:
         yield
     finally:
-        del replica.forward
+        for replica in replicas:
+            del replica.forward
 
 
 async def test_a_failed_forward_pass_is_500_without_its_text(served: Served) -> None:

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from qaserve.main import run_loop
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
@@ -164,3 +165,10 @@ async def test_sigterm_drains_http_as_grpc_health_503_while_requests_are_answere
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_the_process_runs_on_uvloop_where_it_is_installed() -> None:
+    async def on_uvloop() -> int:
+        return int(type(asyncio.get_running_loop()).__module__.startswith("uvloop"))
+
+    assert run_loop(on_uvloop()) == 1  # uvloop is a dependency on every platform but Windows
