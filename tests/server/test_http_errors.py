@@ -17,7 +17,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -27,6 +26,7 @@ from qaserve_testing import (
     SEED_CONTEXT,
     SEED_QUESTION,
     HttpReply,
+    error_reason,
     free_port,
     http_request,
     in_process_server,
@@ -130,17 +130,7 @@ async def v2_grpc(served: Served, call: Call) -> tuple[grpc.StatusCode, str, str
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=metadata, timeout=30)
     error = caught.value
-    return error.code(), error.details() or "", reason_of(error)
-
-
-def reason_of(error: grpc.aio.AioRpcError) -> str:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            for packed in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if packed.Unpack(info):
-                    return str(info.reason)
-    return ""
+    return error.code(), error.details() or "", error_reason(error)
 
 
 @dataclass(frozen=True)
