@@ -8,6 +8,10 @@ PROTO_SRC := protos/qaserve/v1
 PROTO_PKG := client/qaserve_client/v1
 GO_PKG := client/go/qaserve/v1
 ARGS ?=
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+# Installs Debian packages with apt-get (as root, or through sudo), only when one of them is missing.
+apt_install = dpkg -s $(1) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(1); }
 
 .PHONY: install browser prometheus node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker \
 	docker-export wheels image-context release deploy-check bench bench-reader bench-gpu accuracy \
@@ -32,8 +36,7 @@ $(STAMP): $(SERVE_STAMP) requirements-dev.txt
 BROWSER_DEBS := chromium chromium-driver
 
 browser:
-	dpkg -s $(BROWSER_DEBS) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_DEBS); }
+	$(call apt_install,$(BROWSER_DEBS))
 
 # The Node.js client's packages (client/node), exactly as locked. `make test` installs them where npm exists.
 NODE_DEPS := client/node/node_modules/.package-lock.json
@@ -143,13 +146,10 @@ need_target = @test -n "$(TARGET)" || { echo "set TARGET=HOST:PORT of a running 
 CLIENT_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
 	golang-google-genproto-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev cmake g++ \
 	libgtest-dev
-SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 client-deps:
-	dpkg -s $(CLIENT_DEBS) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(CLIENT_DEBS); }
-	command -v npm >/dev/null || \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends nodejs npm
+	$(call apt_install,$(CLIENT_DEBS))
+	command -v npm >/dev/null || $(call apt_install,nodejs npm)
 	$(MAKE) --no-print-directory node-deps $(BUF) $(GO_PLUGINS) $(GOOGLEAPIS_PLACED)
 
 client-go: $(GO_LINK)
@@ -245,8 +245,7 @@ release:
 # Prometheus and promtool (Debian's prometheus package): the real-Prometheus test and the alert rules' checks (make
 # test, make deploy-check) need them. Does nothing where the package is installed.
 prometheus:
-	dpkg -s prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+	$(call apt_install,prometheus)
 
 # hadolint on the Dockerfile; every deploy/k8s target (base, base + each component, overlays) rendered by
 # `kubectl kustomize` (kubectl on PATH) and checked against the Kubernetes schemas (kubernetes-validate) and each other.
