@@ -58,11 +58,15 @@ def score_windows(
     end[:, 0] = 0.0
     span = min(params.max_answer_len, start.shape[1])
     scores = _span_band(start, end, span, np.multiply, 0.0)
-    # The pipeline keeps extra candidates per window when aligning to words: several token spans can widen to
-    # the same words and merge.
-    per_window = params.top_k * 2 + 10 if params.align_to_words else params.top_k
-    spans = _best_spans(windows, indices, scores, span, per_window, params.align_to_words)
+    spans = _best_spans(windows, indices, scores, span, candidates_per_window(params), params.align_to_words)
     return [WindowCandidates(found, null) for found, null in zip(spans, null_scores, strict=True)]
+
+
+def candidates_per_window(params: QAParams) -> int:
+    """Spans a window offers for top_k answers: the pipeline keeps extra ones when aligning to words, as several
+    token spans can widen to the same words and merge."""
+    assert params.top_k is not None, "params must be resolved"
+    return params.top_k * 2 + 10 if params.align_to_words else params.top_k
 
 
 def calibrated_spans(

@@ -6,7 +6,14 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from qaserve.qa.decoding import Logits, answer_at, calibrated_spans, merge_candidates, score_windows
+from qaserve.qa.decoding import (
+    Logits,
+    answer_at,
+    calibrated_spans,
+    candidates_per_window,
+    merge_candidates,
+    score_windows,
+)
 from qaserve.qa.types import PassageAnswer, QAParams, ReadRequest, ScoreMode
 from qaserve.qa.windowing import Windows
 
@@ -42,7 +49,7 @@ def read_answers(
             spans = merge_candidates(passage.text, scored, dataclasses.replace(params, handle_impossible_answer=False))
             found = [(a.score, a.start, a.end) for a in spans]
         else:
-            per_window = max(ANSWERS_PER_WINDOW, params.top_k * 2 + 10 if params.align_to_words else params.top_k)
+            per_window = max(ANSWERS_PER_WINDOW, candidates_per_window(params))
             by_window = calibrated_spans(passage_windows, start, end, params, read.calibration_factor, per_window)
             found = [span for window_spans in by_window for span in window_spans]
         for score, char_start, char_end in found:
