@@ -46,14 +46,12 @@ def read_answers(
         if read.score_mode is ScoreMode.PIPELINE:
             scored = score_windows(passage_windows, range(len(passage_windows)), start, end, params)
             null_scores.extend(window.null_score for window in scored)
-            spans = merge_candidates(passage.text, scored, dataclasses.replace(params, handle_impossible_answer=False))
-            found = [(a.score, a.start, a.end) for a in spans]
+            found = merge_candidates(passage.text, scored, dataclasses.replace(params, handle_impossible_answer=False))
         else:
             per_window = max(ANSWERS_PER_WINDOW, candidates_per_window(params))
             by_window = calibrated_spans(passage_windows, start, end, params, read.calibration_factor, per_window)
-            found = [span for window_spans in by_window for span in window_spans]
-        for score, char_start, char_end in found:
-            answer = answer_at(passage.text, score, char_start, char_end)
+            found = [answer_at(passage.text, *span) for window_spans in by_window for span in window_spans]
+        for answer in found:
             answers.append(PassageAnswer(**dataclasses.asdict(answer), passage_index=index, passage_id=passage.id))
 
     answers.sort(key=lambda a: a.score, reverse=True)  # stable: passage and window order among equal scores
