@@ -3,7 +3,6 @@ mapping of qaserve.v1), health, and the page for browsers."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from qaserve.api import converters
+from qaserve.api import converters, v2
 from qaserve.api.errors import error_status
 from qaserve.api.http.door import HttpDoor, validated
 from qaserve.api.models import model_message
@@ -75,17 +74,8 @@ BODY_MODELS: tuple[type[BaseModel], ...] = (HFRequest, HFAnswer)
 
 
 def hf_params(given: HFParameters | None) -> QAParams:
-    defaults = QAParams()
-    p = given or HFParameters.model_validate({})
-    return QAParams(
-        top_k=p.top_k,
-        max_answer_len=p.max_answer_len,
-        max_seq_len=p.max_seq_len,
-        doc_stride=p.doc_stride,
-        max_question_len=p.max_question_len if p.max_question_len is not None else defaults.max_question_len,
-        handle_impossible_answer=bool(p.handle_impossible_answer),
-        align_to_words=p.align_to_words if p.align_to_words is not None else defaults.align_to_words,
-    )
+    """The parameters given; unset (null) ones keep QAParams' defaults (same field names)."""
+    return QAParams(**given.model_dump(exclude_none=True)) if given is not None else QAParams()
 
 
 def hf_answer(result: QAResult, top_k: int | None) -> Any:
@@ -143,7 +133,7 @@ def routes(door: HttpDoor) -> APIRouter:
             at = door.deadline(request)
             items = body.inputs if isinstance(body.inputs, list) else [body.inputs]
             requests = [QARequest(i.question, i.context, model, params) for i in items]
-            results = await asyncio.gather(*(engine.answer(r, deadline=at) for r in requests))
+            results = await v2.answer_all(engine, requests, at)
             answers = [hf_answer(r, params.top_k) for r in results]
             return JSONResponse(answers if isinstance(body.inputs, list) else answers[0])
 
