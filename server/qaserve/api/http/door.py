@@ -73,7 +73,7 @@ class HttpDoor:
             request.headers.get(REQUEST_ID_KEY, ""),
             _peer(request),
         )
-        with self._span(request, method):
+        with self._span(request):
             scope.begin()
             try:
                 response = await work(scope)
@@ -91,7 +91,7 @@ class HttpDoor:
         response.headers[REQUEST_ID_KEY] = scope.request_id
         return response
 
-    def _span(self, request: Request, method: str) -> contextlib.AbstractContextManager[object]:
+    def _span(self, request: Request) -> contextlib.AbstractContextManager[object]:
         if self.tracing is None:
             return contextlib.nullcontext()
         return self.tracing.server_span(f"{request.method} {request.url.path}", dict(request.headers))
