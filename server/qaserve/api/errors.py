@@ -99,9 +99,7 @@ def error_status(error: BaseException, metrics: Metrics | None, what: str) -> Er
     else:
         log.error("%s failed", what, exc_info=error)
         details = [error_details_pb2.ErrorInfo(reason=INTERNAL_REASON, domain=ERROR_DOMAIN)]
-        mapped = ErrorStatus(
-            grpc.StatusCode.INTERNAL, INTERNAL_REASON, _status("INTERNAL", INTERNAL_MESSAGE, details), 500
-        )
+        mapped = ErrorStatus(grpc.StatusCode.INTERNAL, INTERNAL_REASON, _status("INTERNAL", INTERNAL_MESSAGE, details))
     if metrics is not None:
         metrics.errors.labels(mapped.reason).inc()
     return mapped
