@@ -7,9 +7,10 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -67,16 +68,22 @@ async def stubs(connection: Connection) -> AsyncIterator[list[pb_grpc.QuestionAn
             await channel.close()
 
 
+Ask = Callable[[Any, Any], Awaitable[object]]
+"""One call of a loop: (stub, request) to its answer; the default `answer` sends `request` to the stub's Answer."""
+
+
+def answer(stub: Any, request: Any) -> Awaitable[object]:
+    return stub.Answer(request, timeout=REQUEST_TIMEOUT)
+
+
 def requests_of(workload: Sequence[tuple[str, str]], model: str = "") -> list[pb.AnswerRequest]:
     return [pb.AnswerRequest(question=q, context=c, model=model) for q, c in workload]
 
 
-async def _call(
-    stub: pb_grpc.QuestionAnsweringServiceStub, request: pb.AnswerRequest, since: float, errors: Counter[str]
-) -> float | None:
+async def _call(ask: Ask, stub: Any, request: Any, since: float, errors: Counter[str]) -> float | None:
     """The latency from `since` (a perf_counter time) to the answer; None, counted in errors, on an error."""
     try:
-        await stub.Answer(request, timeout=REQUEST_TIMEOUT)
+        await ask(stub, request)
     except grpc.aio.AioRpcError as exc:
         errors[exc.code().name] += 1
         return None
@@ -88,20 +95,21 @@ async def _call(
 
 async def closed_loop(
     stubs: Sequence[pb_grpc.QuestionAnsweringServiceStub],
-    requests: Sequence[pb.AnswerRequest],
+    requests: Sequence[Any],
     concurrency: int,
     seconds: float,
     warmup: float,
+    ask: Ask = answer,
 ) -> Measured:
     """`concurrency` in-flight slots, each sending its next question as soon as the previous answer arrives, slot i
-    on channel i mod channels."""
+    on channel i mod channels; `ask` makes each call (by default the stub's Answer)."""
     errors: Counter[str] = Counter()
 
     async def slot(index: int, until: float, latencies: list[float]) -> None:
         i = index * len(requests) // concurrency  # slots start spread over the workload
         stub = stubs[index % len(stubs)]
         while time.perf_counter() < until:
-            latency = await _call(stub, requests[i % len(requests)], time.perf_counter(), errors)
+            latency = await _call(ask, stub, requests[i % len(requests)], time.perf_counter(), errors)
             if latency is not None:
                 latencies.append(latency)
             i += 1
@@ -133,7 +141,7 @@ async def open_loop(
         while (due := start + i / rate) < until:
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
             stub, request = stubs[i % len(stubs)], requests[i % len(requests)]
-            pending.add(asyncio.create_task(_call(stub, request, due, errors)))
+            pending.add(asyncio.create_task(_call(answer, stub, request, due, errors)))
             i += 1
         latencies += [latency for latency in await asyncio.gather(*pending) if latency is not None]
 

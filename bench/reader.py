@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import shlex
 import sys
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import grpc
 
+from bench import drive
 from bench.bare import percentile
 from bench.drive import REQUEST_TIMEOUT
 from bench.evaldata import SQUAD_DEV, ReaderQuestion, load_reader_questions
@@ -69,31 +69,12 @@ async def fan_out(stub: pb_grpc.QuestionAnsweringServiceStub, question: ReaderQu
 async def closed_loop(
     target: str, ask: Ask, questions: Sequence[ReaderQuestion], concurrency: int, seconds: float, warmup: float
 ) -> tuple[float, list[float], Counter[str]]:
-    """`concurrency` questions in flight, each slot asking its next as soon as the last is answered; returns
-    questions per second, latencies (s) of the measured questions, and errors by gRPC code."""
-    errors: Counter[str] = Counter()
+    """bench.drive's closed loop over one channel, asking questions with `ask`; returns questions per second,
+    latencies (s) of the measured questions, and errors by gRPC code."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.QuestionAnsweringServiceStub(channel)
-
-        async def slot(index: int, until: float, latencies: list[float]) -> None:
-            i = index * len(questions) // concurrency
-            while time.perf_counter() < until:
-                t0 = time.perf_counter()
-                try:
-                    await ask(stub, questions[i % len(questions)])
-                except grpc.aio.AioRpcError as exc:
-                    errors[exc.code().name] += 1
-                else:
-                    latencies.append(time.perf_counter() - t0)
-                i += 1
-
-        warm_until = time.perf_counter() + warmup
-        await asyncio.gather(*(slot(c, warm_until, []) for c in range(concurrency)))
-        latencies: list[float] = []
-        started = time.perf_counter()
-        await asyncio.gather(*(slot(c, started + seconds, latencies) for c in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return len(latencies) / elapsed, latencies, errors
+        measured = await drive.closed_loop([stub], questions, concurrency, seconds, warmup, ask)
+    return measured.qps, measured.latencies, measured.errors
 
 
 def table(rows: Sequence[Row]) -> list[str]:
