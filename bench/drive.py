@@ -46,6 +46,11 @@ class Measured:
     errors: Counter[str] = field(default_factory=Counter)
 
 
+def format_errors(errors: Counter[str]) -> str:
+    """The errors column: 'CODE n' by code, or 0."""
+    return ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) or "0"
+
+
 @contextlib.asynccontextmanager
 async def stubs(connection: Connection) -> AsyncIterator[list[pb_grpc.QuestionAnsweringServiceStub]]:
     """One stub per channel; each channel its own HTTP/2 connection (a local subchannel pool), so that a Service

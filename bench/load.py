@@ -58,7 +58,7 @@ import grpc
 from bench import rounds
 from bench.bare import percentile
 from bench.doors import GRPC, HTTP_JSON, V2_GRPC, door
-from bench.drive import Connection, Measured, closed_loop, open_loop, requests_of, stubs
+from bench.drive import Connection, Measured, closed_loop, format_errors, open_loop, requests_of, stubs
 from bench.evaldata import SQUAD_DEV, Question, load_questions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -366,10 +366,6 @@ def progress(row: Row) -> None:
         f"  round {row.round}, {row.model}: {row.label} @ {row.concurrency}: {row.qps:.1f} q/s, p50 {row.p50:.1f} ms",
         file=sys.stderr,
     )
-
-
-def format_errors(errors: Counter[str]) -> str:
-    return ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) or "0"
 
 
 def version(distribution: str) -> str:

@@ -90,10 +90,9 @@ def table(rows: Sequence[Row]) -> list[str]:
         base = partner.get(id(row))
         ratio = f"{row.qps / base.qps:.2f}x" if base is not None and base.qps else "-"
         latency = f"{row.p50_ms / base.p50_ms:.2f}x" if base is not None and base.p50_ms else "-"
-        errors = ", ".join(f"{code} {n}" for code, n in sorted(row.errors.items())) or "0"
         lines.append(
             f"| {row.way} | {row.concurrency} | {row.qps:.2f} | {row.p50_ms:.0f} | {row.p95_ms:.0f} | {ratio} | "
-            f"{latency} | {errors} |"
+            f"{latency} | {drive.format_errors(row.errors)} |"
         )
     return lines
 

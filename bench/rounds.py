@@ -4,12 +4,14 @@ round by round (so both sides of a ratio saw the same phase of a noisy host), th
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.doors import GRPC
+from bench.drive import format_errors
 
 if TYPE_CHECKING:
     from bench.load import Row
@@ -98,7 +100,7 @@ def table(rows: Sequence[Row]) -> list[str]:
             qps = versus(measured, rows, against, qps_ratio)
             p50 = versus(measured, rows, against, p50_delta) if concurrency == 1 else None
             ratio_cells += [qps.text(".2f", unit="x") if qps else "", p50.text(".1f", "+") if p50 else ""]
-        errors = "" if measured[0].bare else errors_of(measured)
+        errors = "" if measured[0].bare else format_errors(sum((r.errors for r in measured), Counter[str]()))
         qps, p50, p99 = (Spread.of([getattr(r, name) for r in measured]) for name in ("qps", "p50", "p99"))
         lines.append(
             f"| {model} | {label} | {concurrency} | {qps.text()} | {p50.text()} | {p99.text()} | {errors} | "
@@ -106,14 +108,6 @@ def table(rows: Sequence[Row]) -> list[str]:
             + " |"
         )
     return lines
-
-
-def errors_of(measured: Sequence[Row]) -> str:
-    total: dict[str, int] = {}
-    for row in measured:
-        for code, n in row.errors.items():
-            total[code] = total.get(code, 0) + n
-    return ", ".join(f"{code} {n}" for code, n in sorted(total.items())) or "0"
 
 
 def targets(rows: Sequence[Row]) -> list[str]:
