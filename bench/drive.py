@@ -127,6 +127,14 @@ async def closed_loop(
     return Measured(len(latencies) / (time.perf_counter() - started), latencies, errors)
 
 
+async def closed_loop_to(
+    connection: Connection, workload: Sequence[tuple[str, str]], concurrency: int, seconds: float, warmup: float
+) -> Measured:
+    """closed_loop over fresh channels to `connection`, asking the (question, context) pairs of `workload`."""
+    async with stubs(connection) as found:
+        return await closed_loop(found, requests_of(workload), concurrency, seconds, warmup)
+
+
 async def open_loop(
     stubs: Sequence[pb_grpc.QuestionAnsweringServiceStub],
     requests: Sequence[pb.AnswerRequest],

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bare import MAX_LENGTH, STRIDE, percentile
-from bench.drive import Connection, closed_loop, requests_of, stubs
+from bench.drive import Connection, closed_loop_to
 from bench.evaldata import SQUAD_DEV, load_questions
 from bench.load import EMBEDDED, ServerProcess, command_line, machine, select_workload, version
 
@@ -182,13 +182,9 @@ def server_rows(
     try:
         asyncio.run(server.ready())
         for concurrency in args.concurrency:
-
-            async def measure(concurrency: int = concurrency) -> Any:
-                async with stubs(Connection(server.target)) as found:
-                    return await closed_loop(found, requests_of(workload), concurrency, args.seconds, args.warmup)
-
+            loop = closed_loop_to(Connection(server.target), workload, concurrency, args.seconds, args.warmup)
             with gpu.sampling() as samples:
-                measured = asyncio.run(measure())
+                measured = asyncio.run(loop)
             ms = [s * 1e3 for s in measured.latencies] or [float("nan")]
             label = f"qaserve --backend torch --dtype {dtype}"
             row = GpuRow(label, concurrency, measured.qps, percentile(ms, 0.5), percentile(ms, 0.99), gpu.mean(samples))

@@ -58,7 +58,7 @@ import grpc
 from bench import rounds
 from bench.bare import percentile
 from bench.doors import GRPC, HTTP_JSON, V2_GRPC, door
-from bench.drive import Connection, Measured, closed_loop, format_errors, open_loop, requests_of, stubs
+from bench.drive import Connection, Measured, closed_loop, closed_loop_to, format_errors, open_loop, requests_of, stubs
 from bench.evaldata import SQUAD_DEV, Question, load_questions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,13 +207,6 @@ class ServerProcess:
         self.log.close()
 
 
-async def _closed_loop(
-    connection: Connection, workload: list[tuple[str, str]], concurrency: int, seconds: float, warmup: float
-) -> Measured:
-    async with stubs(connection) as found:
-        return await closed_loop(found, requests_of(workload), concurrency, seconds, warmup)
-
-
 async def _door_loop(
     server: ServerProcess, name: str, workload: list[tuple[str, str]], concurrency: int, seconds: float, warmup: float
 ) -> Measured:
@@ -237,7 +230,7 @@ def server_rows(
         asyncio.run(server.ready())
         for concurrency in [CACHE_ROW_CONCURRENCY] if cache else args.concurrency:
             measured = asyncio.run(
-                _closed_loop(Connection(server.target), workload, concurrency, args.seconds, args.warmup)
+                closed_loop_to(Connection(server.target), workload, concurrency, args.seconds, args.warmup)
             )
             row = Row.of(model, label, backend, concurrency, measured)
             row.round = round_
