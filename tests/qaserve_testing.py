@@ -98,7 +98,7 @@ def build_tiny_model(directory: Path, architecture: str = "bert", seed: int = 0)
     `directory`: the embedded model's WordPiece vocabulary, or a byte-level BPE or Unigram (SentencePiece) model
     trained on TOKENIZER_CORPUS with the tokenizers library."""
     family = FAMILIES[architecture]
-    tokenizer = _tokenizer(family)
+    tokenizer = build_tokenizer(family)
     # RoBERTa-style position ids start after the padding index, so their checkpoints have 2 more positions.
     extra_positions = 2 if family.specials == ROBERTA_SPECIALS else 0
     config = AutoConfig.for_model(
@@ -114,7 +114,8 @@ def build_tiny_model(directory: Path, architecture: str = "bert", seed: int = 0)
     return directory
 
 
-def _tokenizer(family: Family) -> Any:
+def build_tokenizer(family: Family) -> Any:
+    """A real fast tokenizer of the family's kind (see build_tiny_model), without a model."""
     cls = getattr(transformers, family.tokenizer)
     if family.kind == "WordPiece":
         words = (EMBEDDED_MODEL / "vocab.txt").read_text(encoding="utf-8").splitlines()

@@ -90,7 +90,7 @@ def test_onnx_model_reports_dtype_revision_bytes_and_runs_on_its_own_thread(tiny
         assert model.max_seq_len == 512
         assert sorted(r.label for r in model.replicas) == ["int8-cpu-0", "int8-cpu-1"]
         assert all(r.session.get_session_options().intra_op_num_threads == 1 for r in model.replicas)
-        assert model._tokenizers.qsize() == 3  # one tokenizer copy per tokenizing thread
+        assert model._splitters.qsize() == 3  # one splitter (a tokenizer copy) per tokenizing thread
         seen: list[str] = []
         for replica in model.replicas:
             seen.append(replica.executor.submit(lambda: threading.current_thread().name).result())

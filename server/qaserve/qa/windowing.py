@@ -70,64 +70,98 @@ def _first(*values: int | None) -> int:
 
 
 def split_into_windows(tokenizer: Any, question: str, context: str, params: QAParams) -> Windows:
-    """Tokenizes into windows of at most params.max_seq_len tokens overlapping by doc_stride.
+    """Tokenizes into windows of at most params.max_seq_len tokens overlapping by doc_stride, with a fast
+    transformers tokenizer (WindowSplitter(tokenizer).split: build the splitter once where it is called often).
 
     `params` must come from resolve_params. Raises InvalidArgument when the question or the context has no
     tokens, the question leaves no room for context, or the context needs several windows and doc_stride does
     not fit the room left.
     """
-    assert params.max_seq_len is not None
-    question = question.lstrip()
-    question_first = tokenizer.padding_side == "right"
-    question_len = len(tokenizer(question, add_special_tokens=False)["input_ids"])
-    if question_len == 0:
-        raise InvalidArgument("question", "has no tokens for this model's tokenizer")
-    if question_len > params.max_question_len:
-        raise InvalidArgument("question", f"is {question_len} tokens; max_question_len is {params.max_question_len}")
-    room = params.max_seq_len - question_len - tokenizer.num_special_tokens_to_add(pair=True)
-    if room < 1:
-        raise InvalidArgument(
-            "question",
-            f"is {question_len} tokens, leaving no room for context in max_seq_len {params.max_seq_len}",
-        )
-    if params.doc_stride is None:
-        # The pipeline's default; kept below the room the tokenizer needs to make progress between windows.
-        doc_stride = min(DEFAULT_DOC_STRIDE, params.max_seq_len // 2, room - 1)
-    else:
-        # A stride the windows cannot hold only matters when the context needs more than one window: the
-        # pipeline's tokenizer checks it only when it splits, so a context that fits one window is answered.
-        doc_stride = min(params.doc_stride, room - 1)
+    return WindowSplitter(tokenizer).split(question, context, params)
 
-    encoded = tokenizer(
-        text=question if question_first else context,
-        text_pair=context if question_first else question,
-        truncation="only_second" if question_first else "only_first",
-        max_length=params.max_seq_len,
-        stride=doc_stride,
-        return_token_type_ids=True,
-        return_overflowing_tokens=True,
-    )
-    context_index = 1 if question_first else 0
-    encodings = encoded.encodings
-    if params.doc_stride is not None and params.doc_stride >= room and len(encodings) > 1:
-        raise InvalidArgument(
-            "doc_stride",
-            f"({params.doc_stride}) must be smaller than the {room} context tokens a window holds "
-            f"(max_seq_len {params.max_seq_len} minus the question and special tokens) when the context needs "
-            "more than one window",
+
+class WindowSplitter:
+    """Splits question + context into windows with a fast transformers tokenizer's Rust tokenizer, called directly.
+
+    The encodings are exactly the transformers call's (`tokenizer(question, context, truncation="only_second",
+    max_length=..., stride=..., return_overflowing_tokens=True)`, the question second for tokenizers that pad on
+    the left): the same settings go to the same Rust tokenizer, without the wrapper's argument handling and
+    conversion of every window into Python lists. A call sets truncation on that Rust tokenizer, so a splitter
+    (and its tokenizer) serves one thread at a time.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._rust = tokenizer.backend_tokenizer
+        # The pipeline puts the question first unless the tokenizer pads on the left.
+        self._question_first = tokenizer.padding_side == "right"
+        self._context_index = 1 if self._question_first else 0
+        self._truncation = "only_second" if self._question_first else "only_first"
+        self._truncation_side = tokenizer.truncation_side
+        self._split_special_tokens = tokenizer.split_special_tokens
+        self._pair_specials = self._rust.num_special_tokens_to_add(True)
+        self._cls_id = tokenizer.cls_token_id
+        self._uses_token_types = "token_type_ids" in tokenizer.model_input_names
+
+    def split(self, question: str, context: str, params: QAParams) -> Windows:
+        """split_into_windows with this splitter's tokenizer."""
+        assert params.max_seq_len is not None
+        question = question.lstrip()
+        rust = self._rust
+        # As the transformers call does: no padding, special tokens in the text kept whole (unless the tokenizer
+        # splits them), and the question counted without truncation.
+        if rust.padding is not None:
+            rust.no_padding()
+        if rust.encode_special_tokens != self._split_special_tokens:
+            rust.encode_special_tokens = self._split_special_tokens
+        if rust.truncation is not None:
+            rust.no_truncation()
+        question_len = len(rust.encode(question, add_special_tokens=False).ids)
+        if question_len == 0:
+            raise InvalidArgument("question", "has no tokens for this model's tokenizer")
+        if question_len > params.max_question_len:
+            raise InvalidArgument(
+                "question", f"is {question_len} tokens; max_question_len is {params.max_question_len}"
+            )
+        room = params.max_seq_len - question_len - self._pair_specials
+        if room < 1:
+            raise InvalidArgument(
+                "question",
+                f"is {question_len} tokens, leaving no room for context in max_seq_len {params.max_seq_len}",
+            )
+        if params.doc_stride is None:
+            # The pipeline's default; kept below the room the tokenizer needs to make progress between windows.
+            doc_stride = min(DEFAULT_DOC_STRIDE, params.max_seq_len // 2, room - 1)
+        else:
+            # A stride the windows cannot hold only matters when the context needs more than one window: the
+            # pipeline's tokenizer checks it only when it splits, so a context that fits one window is answered.
+            doc_stride = min(params.doc_stride, room - 1)
+
+        rust.enable_truncation(
+            params.max_seq_len, stride=doc_stride, strategy=self._truncation, direction=self._truncation_side
         )
-    if not any(seq == context_index for seq in encodings[0].sequence_ids):
-        raise InvalidArgument("context", "has no tokens for this model's tokenizer")
-    cls_id = tokenizer.cls_token_id
-    answer_masks = [
-        [seq == context_index or token == cls_id for seq, token in zip(enc.sequence_ids, enc.ids, strict=True)]
-        for enc in encodings
-    ]
-    uses_token_types = "token_type_ids" in tokenizer.model_input_names
-    return Windows(
-        input_ids=[list(enc.ids) for enc in encodings],
-        token_type_ids=[list(enc.type_ids) for enc in encodings] if uses_token_types else None,
-        answer_masks=answer_masks,
-        encodings=list(encodings),
-        context_index=context_index,
-    )
+        first, second = (question, context) if self._question_first else (context, question)
+        encoding = rust.encode(first, second)
+        encodings = [encoding, *encoding.overflowing]
+        if params.doc_stride is not None and params.doc_stride >= room and len(encodings) > 1:
+            raise InvalidArgument(
+                "doc_stride",
+                f"({params.doc_stride}) must be smaller than the {room} context tokens a window holds "
+                f"(max_seq_len {params.max_seq_len} minus the question and special tokens) when the context needs "
+                "more than one window",
+            )
+        context_index, cls_id = self._context_index, self._cls_id
+        sequence_ids = [enc.sequence_ids for enc in encodings]
+        if context_index not in sequence_ids[0]:
+            raise InvalidArgument("context", "has no tokens for this model's tokenizer")
+        input_ids = [enc.ids for enc in encodings]
+        answer_masks = [
+            [seq == context_index or token == cls_id for seq, token in zip(seqs, ids, strict=True)]
+            for seqs, ids in zip(sequence_ids, input_ids, strict=True)
+        ]
+        return Windows(
+            input_ids=input_ids,
+            token_type_ids=[enc.type_ids for enc in encodings] if self._uses_token_types else None,
+            answer_masks=answer_masks,
+            encodings=encodings,
+            context_index=context_index,
+        )

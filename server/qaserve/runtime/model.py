@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qaserve.qa import QAParams, Windows, split_into_windows
-from qaserve.qa.windowing import resolve_params
+from qaserve.qa import QAParams, Windows
+from qaserve.qa.windowing import WindowSplitter, resolve_params
 from qaserve.runtime.backends import Loaded, WindowInput, choose_backend, get_backend
 from qaserve.runtime.source import is_path, resolved
 from qaserve.runtime.spec import ModelSpec
@@ -27,13 +27,13 @@ class QAModel:
     def __init__(self, spec: ModelSpec, tokenizer: Any, loaded: Loaded, tokenizer_copies: int = 2) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
-        # Copies for concurrent tokenizing: a call sets truncation state on the shared Rust tokenizer, so
-        # concurrent calls on one instance would tokenize with each other's settings. One per tokenizing thread,
-        # made at load, not by the first requests (a copy takes tens of milliseconds); more are made if more
-        # threads tokenize at once.
-        self._tokenizers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Splitters over copies of the tokenizer, for concurrent tokenizing: a call sets truncation state on its
+        # Rust tokenizer, so concurrent calls on one would tokenize with each other's settings. One per tokenizing
+        # thread, made at load, not by the first requests (a copy takes tens of milliseconds); more are made if
+        # more threads tokenize at once.
+        self._splitters: queue.SimpleQueue[WindowSplitter] = queue.SimpleQueue()
         for _ in range(max(1, tokenizer_copies)):
-            self._tokenizers.put(copy.deepcopy(tokenizer))
+            self._splitters.put(WindowSplitter(copy.deepcopy(tokenizer)))
         self._loaded = loaded
         self.backend = loaded.backend
         self.replicas = list(loaded.replicas)
@@ -69,13 +69,13 @@ class QAModel:
     def split(self, question: str, context: str, params: QAParams) -> Windows:
         """Tokenizes into windows (thread-safe); `params` from resolve()."""
         try:
-            tokenizer = self._tokenizers.get_nowait()
+            splitter = self._splitters.get_nowait()
         except queue.Empty:
-            tokenizer = copy.deepcopy(self.tokenizer)
+            splitter = WindowSplitter(copy.deepcopy(self.tokenizer))
         try:
-            return split_into_windows(tokenizer, question, context, params)
+            return splitter.split(question, context, params)
         finally:
-            self._tokenizers.put(tokenizer)
+            self._splitters.put(splitter)
 
     @staticmethod
     def inputs(windows: Windows) -> list[WindowInput]:
