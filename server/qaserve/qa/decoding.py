@@ -105,9 +105,14 @@ def _rows_mask(
 def _span_band(start: Logits, end: Logits, span: int, combine: Any, pad: float) -> Logits:
     """band[w, i * span + k] = combine(start[w, i], end[w, i + k]) for 0 <= k < span (past the end: `pad`): only
     the spans allowed, so memory grows with windows x length x max_answer_len, not length squared."""
-    n_rows = start.shape[0]
-    padded_end = np.pad(end, ((0, 0), (0, span - 1)), constant_values=pad)
-    bands = np.lib.stride_tricks.sliding_window_view(padded_end, span, axis=1)
+    n_rows, length = start.shape
+    padded_end = np.full((n_rows, length + span - 1), pad, dtype=end.dtype)
+    padded_end[:, :length] = end
+    # bands[w, i, k] = padded_end[w, i + k]: a read-only view, rows of `span` overlapping values.
+    row_stride, step = padded_end.strides
+    bands = np.lib.stride_tricks.as_strided(
+        padded_end, (n_rows, length, span), (row_stride, step, step), writeable=False
+    )
     band: Logits = combine(start[:, :, None], bands).reshape(n_rows, -1)
     return band
 
@@ -118,7 +123,7 @@ def _best_spans(
     """Per row of a _span_band (row i: window indices[i]), its `per_window` best spans with a positive score as
     (score, char_start, char_end), best first."""
     top_index = _top_k(scores, min(per_window, scores.shape[1]))
-    top_scores = np.take_along_axis(scores, top_index, axis=1)
+    top_scores = scores[np.arange(scores.shape[0])[:, None], top_index]
     result = []
     for row, w in enumerate(indices):
         encoding = windows.encodings[w]
@@ -135,25 +140,21 @@ def _best_spans(
 def merge_candidates(context: str, candidates: Sequence[WindowCandidates], params: QAParams) -> list[Answer]:
     """Merges windows' candidates (in window order) into the top_k answers."""
     assert params.top_k is not None, "params must be resolved"
-    answers: list[Answer] = []
-    by_text: dict[str, int] = {}
+    # By lower-cased text: the summed score and the first span (a dict keeps the order texts were first found in).
+    found: dict[str, tuple[float, int, int]] = {}
     for window in candidates:
         for score, char_start, char_end in window.spans:
-            text = context[char_start:char_end]
-            key = text.lower()
-            if key in by_text:
-                known = answers[by_text[key]]
-                answers[by_text[key]] = Answer(
-                    known.answer, known.score + score, known.start, known.end, known.byte_start, known.byte_end
-                )
-            else:
-                by_text[key] = len(answers)
-                answers.append(answer_at(context, score, char_start, char_end))
-
+            key = context[char_start:char_end].lower()
+            known = found.get(key)
+            found[key] = (score, char_start, char_end) if known is None else (known[0] + score, known[1], known[2])
+    ranked: list[tuple[float, tuple[int, int] | None]] = [(score, (s, e)) for score, s, e in found.values()]
     if params.handle_impossible_answer and candidates:
-        answers.append(Answer("", min(c.null_score for c in candidates), 0, 0, 0, 0))
-    answers.sort(key=lambda a: a.score, reverse=True)
-    return answers[: params.top_k]
+        ranked.append((min(c.null_score for c in candidates), None))  # the empty answer
+    ranked.sort(key=lambda r: r[0], reverse=True)
+    return [
+        answer_at(context, score, *span) if span is not None else Answer("", score, 0, 0, 0, 0)
+        for score, span in ranked[: params.top_k]
+    ]
 
 
 def answer_at(context: str, score: float, char_start: int, char_end: int) -> Answer:
@@ -179,17 +180,18 @@ def _char_span(encoding: Any, s: int, e: int, context_index: int, align_to_words
 
 def _softmax(logits: Logits) -> Logits:
     """Row-wise softmax in float32, as the pipeline computes it (numpy on the model's float32 logits)."""
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    result: Logits = shifted / shifted.sum(axis=-1, keepdims=True)
+    result: Logits = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    result /= result.sum(axis=-1, keepdims=True)
     return result
 
 
 def _top_k(scores: Logits, k: int) -> npt.NDArray[np.intp]:
     """Per row, the indices of the k highest scores, highest first; equal scores in index order."""
+    rows = np.arange(scores.shape[0])[:, None]
     if k < scores.shape[1]:
         candidates = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
     else:
         candidates = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-    order = np.argsort(-np.take_along_axis(scores, candidates, axis=1), axis=1, kind="stable")
-    result: npt.NDArray[np.intp] = np.take_along_axis(candidates, order, axis=1)
+    order = np.argsort(-scores[rows, candidates], axis=1, kind="stable")
+    result: npt.NDArray[np.intp] = candidates[rows, order]
     return result

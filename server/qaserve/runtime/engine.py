@@ -361,6 +361,8 @@ def _read(
 
 def _stack(outputs: list[WindowLogits]) -> tuple[Logits, Logits]:
     """Per-window logits as [windows, longest] float32 start and end arrays, right-padded with zeros."""
+    if len(outputs) == 1:  # a view of the window's own arrays: nothing to pad
+        return outputs[0].start[None], outputs[0].end[None]
     shape = (len(outputs), max(len(o.start) for o in outputs))
     start = np.zeros(shape, dtype=np.float32)
     end = np.zeros(shape, dtype=np.float32)
