@@ -13,8 +13,10 @@ windows). Every row runs the same questions for the same measured seconds, after
   one row of the default server (--backend auto, response cache on): the workload repeats, so it mostly measures
        cache hits;
   on the same cache-off servers, the other doors (bench/doors.py): HTTP JSON (POST /v1/answer, keep-alive) at
-       concurrency 1 and 32, and the Open Inference Protocol over gRPC (ModelInfer) at concurrency 1, each compared
-       with the qaserve.v1 gRPC row of its concurrency.
+       concurrency 1 and 32, the Open Inference Protocol over gRPC (ModelInfer) at concurrency 1, and the streams:
+       AnswerMany at concurrency 32 (all 32 in-flight questions as items of one stream) and AnswerProgressive at
+       concurrency 1 (latency to its final message), each compared with the qaserve.v1 gRPC Answer row of its
+       concurrency.
 
 Every row is measured once per round (--rounds, 3), each round running them all in turn (bare, servers, bare, ...),
 so that a noisy host's drift shows as a row's range and hits both sides of a ratio alike. The table gives each row's
@@ -22,7 +24,7 @@ median and range; ratios against (a) and (a') (q/s, and p50 difference at concur
 then their median and range; then the targets (bench/rounds.py), and with --plot a PNG of q/s and p99 against
 concurrency.
 
-    make bench                                     # about 8 minutes per model
+    make bench                                     # 3 rounds, about 5 minutes each per model
     make bench ARGS="--rounds 1 --seconds 5 --limit 100 --markdown bench.md --plot bench.png"
 
 With --target HOST:PORT the same workload goes to a server started elsewhere (a port-forwarded pod, a Service),
@@ -57,7 +59,7 @@ import grpc
 
 from bench import rounds
 from bench.bare import percentile
-from bench.doors import GRPC, HTTP_JSON, V2_GRPC, door
+from bench.doors import ANSWER_MANY, ANSWER_PROGRESSIVE, GRPC, HTTP_JSON, V2_GRPC, door
 from bench.drive import Connection, Measured, closed_loop, closed_loop_to, format_errors, open_loop, requests_of, stubs
 from bench.evaldata import SQUAD_DEV, Question, load_questions
 
@@ -66,7 +68,7 @@ EMBEDDED = ROOT / "models" / "minilm-l6-squadshifts"
 BARE = Path(__file__).resolve().with_name("bare.py")
 CONCURRENCY = (1, 8, 32, 64)
 CACHE_ROW_CONCURRENCY = 32
-DOOR_CONCURRENCY = {HTTP_JSON: (1, 32), V2_GRPC: (1,)}
+DOOR_CONCURRENCY = {HTTP_JSON: (1, 32), V2_GRPC: (1,), ANSWER_MANY: (32,), ANSWER_PROGRESSIVE: (1,)}
 # Variables that change how the frameworks run; the baselines and the servers start without them, as `make run` does
 # in a plain shell.
 CLEAN_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "QASERVE_")
@@ -452,7 +454,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--doors",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also measure HTTP JSON (concurrency 1, 32) and V2 gRPC (concurrency 1) on each cache-off server",
+        help="also measure, on each cache-off server at these concurrencies: "
+        + ", ".join(f"{name} ({', '.join(map(str, levels))})" for name, levels in DOOR_CONCURRENCY.items()),
     )
     parser.add_argument(
         "--cache-row",

@@ -133,8 +133,8 @@ def targets(rows: Sequence[Row]) -> list[str]:
 
 
 def doors(rows: Sequence[Row]) -> list[str]:
-    """One line per other door's row (HTTP JSON, V2 gRPC): against the qaserve.v1 gRPC row of the same server,
-    concurrency and round (p50 difference at concurrency 1, q/s ratio above)."""
+    """One line per other door's row (HTTP JSON, V2 gRPC, the gRPC streams): against the qaserve.v1 gRPC Answer row
+    of the same server, concurrency and round (p50 difference at concurrency 1, q/s ratio above)."""
     grpc_rows = {(r.model, r.backend, r.concurrency, r.round): r for r in rows if r.door == GRPC and not r.bare}
     lines = []
     for (model, _, backend, concurrency), measured in cells(rows).items():
@@ -144,10 +144,10 @@ def doors(rows: Sequence[Row]) -> list[str]:
             continue
         if concurrency == 1:
             delta = Spread.of([r.p50 - base.p50 for r, base in pairs])
-            compared = f"p50 {delta.text('.2f', '+', ' ms')} vs gRPC"
+            compared = f"p50 {delta.text('.2f', '+', ' ms')} vs gRPC Answer"
         else:
             ratio = Spread.of([r.qps / base.qps for r, base in pairs])
-            compared = f"{ratio.text('.2f', unit='x')} gRPC's q/s"
+            compared = f"{ratio.text('.2f', unit='x')} gRPC Answer's q/s"
         lines.append(f"- {model}, --backend {backend}, {pairs[0][0].door} @ {concurrency}: {compared}")
     return lines
 

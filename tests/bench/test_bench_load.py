@@ -199,9 +199,11 @@ def test_bench_drives_a_server_started_elsewhere_open_loop_over_tls_with_a_token
     assert "UNAUTHENTICATED" in (tmp_path / "no.md").read_text()
 
 
-def test_the_other_doors_are_measured_on_the_same_server_and_compared_with_its_grpc_rows(
+def test_the_other_doors_and_the_streams_are_measured_on_the_same_server_and_compared_with_its_grpc_rows(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    """HTTP JSON, V2 gRPC, AnswerMany (32 questions in flight on one stream) and AnswerProgressive each answer
+    without errors on the cache-off server, and each is compared with the Answer row of its concurrency."""
     qas = [{"id": "0", "question": SEED_QUESTION, "answers": [{"text": "Paris", "answer_start": 54}]}]
     data = tmp_path / "squad.json"
     data.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": SEED_CONTEXT, "qas": qas}]}]}))
@@ -215,7 +217,14 @@ def test_the_other_doors_are_measured_on_the_same_server_and_compared_with_its_g
     text = report.read_text()
     rows = [line.split("|") for line in text.splitlines() if line.startswith(f"| {tiny_model_dir.name} | qaserve")]
     doors = [(cells[2].strip().rpartition(", ")[2], int(cells[3])) for cells in rows]
-    assert doors == [("cache off", 1), ("cache off", 32), ("HTTP JSON", 1), ("HTTP JSON", 32), ("V2 gRPC", 1)]
-    assert all(cells[7].strip() == "0" for cells in rows)  # errors
-    assert "HTTP JSON @ 1: p50" in text and "HTTP JSON @ 32: " in text and "V2 gRPC @ 1: p50" in text
+    assert doors == [
+        ("cache off", 1), ("cache off", 32), ("HTTP JSON", 1), ("HTTP JSON", 32), ("V2 gRPC", 1),
+        ("gRPC AnswerMany", 32), ("gRPC AnswerProgressive", 1),
+    ]  # fmt: skip
+    assert all(float(cells[4]) > 0 and cells[7].strip() == "0" for cells in rows)  # answers counted, no errors
+    compared = [line for line in text.splitlines() if line.startswith(f"- {tiny_model_dir.name}, --backend torch, ")]
+    assert [line.split(", ", 2)[2].split(":")[0] for line in compared] == [
+        "HTTP JSON @ 1", "HTTP JSON @ 32", "V2 gRPC @ 1", "gRPC AnswerMany @ 32", "gRPC AnswerProgressive @ 1",
+    ]  # fmt: skip
+    assert compared[3].endswith("x gRPC Answer's q/s") and ": p50 " in compared[4] and "vs gRPC Answer" in compared[4]
     assert "- errors: 0" in text
