@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
-from typing import ParamSpec, TypeVar, cast
+from typing import TypeVar, cast
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -33,15 +33,14 @@ from qaserve.qa import (
     read_answers,
     score_windows,
 )
-from qaserve.runtime.backends.base import Logits, WindowLogits
-from qaserve.runtime.batcher import BatchTiming
-from qaserve.runtime.cache import ResponseCache, cache_key, read_cache_key
-from qaserve.runtime.cache_entry import ModelState
+from qaserve.runtime.backends.base import Logits, WindowInput, WindowLogits
+from qaserve.runtime.batcher import BatchTiming, WindowResults
+from qaserve.runtime.cache import CachedAnswers, CacheKey, ResponseCache, cache_key, read_cache_key
+from qaserve.runtime.cache_entry import ModelState, ServingModel
 from qaserve.runtime.model import QAModel, model_loader
 from qaserve.runtime.registry import ModelRegistry
 from qaserve.runtime.spec import ModelsConfig
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 # Tokenizing a SQuAD paragraph (about one window) takes ~0.3 ms and decoding one window ~0.1 ms (the embedded model,
@@ -135,57 +134,34 @@ class QAEngine:
         request.validate(self.max_context_chars)
         with self._admit(request.model):
             async with self.registry.use(request.model) as serving:
-                model, batcher = serving.model, serving.batcher
+                model = serving.model
                 params = model.resolve(request.params)
-                key = (
-                    cache_key(model.name, _variant(model), params, request.question, request.context)
-                    if self.cache.enabled
-                    else None
+                key, hit = self._cached(
+                    lambda: cache_key(model.name, _variant(model), params, request.question, request.context)
                 )
-                hit = self.cache.get(key) if key is not None else None
                 if hit is not None:
                     timing = Timing(total=time.perf_counter() - started, cached=True)
                     result = QAResult(hit.answers, _model_ref(model), timing, hit.windows)
                 else:
-                    with batcher.incoming():
-                        t0 = time.perf_counter()
-                        windows = await self._inline_if(
-                            len(request.context) <= INLINE_CONTEXT_CHARS,
-                            model.split,
-                            request.question,
-                            request.context,
-                            params,
-                        )
-                        tokenize = time.perf_counter() - t0
-                    self.metrics.tokenize_duration.labels(model.name).observe(tokenize)
-                    self.metrics.request_context_chars.labels(model.name).observe(len(request.context))
-                    self.metrics.request_windows.labels(model.name).observe(len(windows))
-
+                    stages = _Stages(self._executor, self.metrics, serving, started, deadline)
+                    windows = await stages.tokenize(
+                        lambda: model.split(request.question, request.context, params),
+                        inline=len(request.context) <= INLINE_CONTEXT_CHARS,
+                        context_chars=len(request.context),
+                    )
                     logits: dict[int, WindowLogits] = {}
                     candidates: dict[int, WindowCandidates] = {}
-                    lengths = [len(ids) for ids in windows.input_ids]
-                    async with batcher.run(QAModel.inputs(windows), lengths, deadline) as results:
+                    async with stages.forward(QAModel.inputs(windows)) as results:
                         async for finished in results:
                             logits.update(finished)
                             if progress and len(logits) < len(windows):  # else the final result follows at once
                                 yield await self._progress(request.context, windows, params, finished, candidates)
-                    batch_timing = results.timing
-                    self.metrics.queue_duration.labels(model.name).observe(batch_timing.queue)
-
-                    t0 = time.perf_counter()
                     ordered = [logits[i] for i in range(len(windows))]
-                    answers = await self._inline_if(
-                        len(windows) == 1, _decode, request.context, windows, ordered, params
+                    answers = await stages.decode(
+                        lambda: _decode(request.context, windows, ordered, params), inline=len(windows) == 1
                     )
-                    decode = time.perf_counter() - t0
-                    self.metrics.decode_duration.labels(model.name).observe(decode)
-
-                    timing = _timing(started, tokenize, batch_timing, decode)
-                    result = QAResult(tuple(answers), _model_ref(model), timing, len(windows))
-                    if key is not None:
-                        self.cache.put(key, result.answers, result.windows)
-                    if self._record_stages is not None:
-                        self._record_stages(result, batch_timing.batch_sizes)
+                    result = QAResult(tuple(answers), _model_ref(model), stages.timing(), len(windows))
+                    self._finish(key, result, stages)
         yield result
 
     async def read(self, request: ReadRequest, deadline: float | None = None) -> ReadResult:
@@ -195,16 +171,13 @@ class QAEngine:
         request.validate(self.max_context_chars, self.max_passages)
         with self._admit(request.model):
             async with self.registry.use(request.model) as serving:
-                model, batcher = serving.model, serving.batcher
+                model = serving.model
                 params = model.resolve(request.params)
-                key = (
-                    read_cache_key(
+                key, hit = self._cached(
+                    lambda: read_cache_key(
                         model.name, _variant(model), params, request.read, request.question, request.passages
                     )
-                    if self.cache.enabled
-                    else None
                 )
-                hit = self.cache.get(key) if key is not None else None
                 if hit is not None:
                     timing = Timing(total=time.perf_counter() - started, cached=True)
                     return ReadResult(
@@ -215,37 +188,40 @@ class QAEngine:
                         timing,
                         hit.windows,
                     )
-                with batcher.incoming():
-                    t0 = time.perf_counter()
-                    windows = await self._run(_split_passages, model, request, params)
-                    tokenize = time.perf_counter() - t0
-                self.metrics.tokenize_duration.labels(model.name).observe(tokenize)
-                self.metrics.request_context_chars.labels(model.name).observe(
-                    sum(len(p.text) for p in request.passages)
+                stages = _Stages(self._executor, self.metrics, serving, started, deadline)
+                windows = await stages.tokenize(
+                    lambda: _split_passages(model, request, params),
+                    inline=False,
+                    context_chars=sum(len(p.text) for p in request.passages),
                 )
                 inputs = [window for passage in windows for window in QAModel.inputs(passage)]
-                self.metrics.request_windows.labels(model.name).observe(len(inputs))
-
                 logits: dict[int, WindowLogits] = {}
-                async with batcher.run(inputs, [len(w.input_ids) for w in inputs], deadline) as results:
+                async with stages.forward(inputs) as results:
                     async for finished in results:
                         logits.update(finished)
-                batch_timing = results.timing
-                self.metrics.queue_duration.labels(model.name).observe(batch_timing.queue)
-
-                t0 = time.perf_counter()
                 ordered = iter([logits[i] for i in range(len(inputs))])
                 outputs = [list(itertools.islice(ordered, len(passage))) for passage in windows]
-                answers, no_answer = await self._run(_read, request, windows, outputs, params)
-                decode = time.perf_counter() - t0
-                self.metrics.decode_duration.labels(model.name).observe(decode)
-                if key is not None:
-                    self.cache.put(key, answers, len(inputs), no_answer)
-                timing = _timing(started, tokenize, batch_timing, decode)
-                read = ReadResult(answers, no_answer, request.read.score_mode, _model_ref(model), timing, len(inputs))
-                if self._record_stages is not None:
-                    self._record_stages(read, batch_timing.batch_sizes)
+                answers, no_answer = await stages.decode(lambda: _read(request, windows, outputs, params), inline=False)
+                read = ReadResult(
+                    answers, no_answer, request.read.score_mode, _model_ref(model), stages.timing(), len(inputs)
+                )
+                self._finish(key, read, stages)
                 return read
+
+    def _cached(self, key_of: Callable[[], CacheKey]) -> tuple[CacheKey | None, CachedAnswers | None]:
+        """The request's cache key (None when there is no cache) and what the cache holds under it."""
+        if not self.cache.enabled:
+            return None, None
+        key = key_of()
+        return key, self.cache.get(key)
+
+    def _finish(self, key: CacheKey | None, result: QAResult | ReadResult, stages: _Stages) -> None:
+        """Stores a computed result under its cache key and traces its stages."""
+        if key is not None:
+            no_answer = result.no_answer_score if isinstance(result, ReadResult) else None
+            self.cache.put(key, result.answers, result.windows, no_answer)
+        if self._record_stages is not None:
+            self._record_stages(result, stages.batch.batch_sizes)
 
     async def _progress(
         self,
@@ -257,18 +233,16 @@ class QAEngine:
     ) -> QAProgress:
         """Scores newly finished windows into `candidates`; the best answers among every window scored so far."""
         indices = [index for index, _ in finished]
-        scored = await self._run(_score, windows, indices, [logits for _, logits in finished], params)
+        outputs = [logits for _, logits in finished]
+        scored = await _on_pool(self._executor, lambda: _score(windows, indices, outputs, params))
         candidates.update(zip(indices, scored, strict=True))
         answers = merge_candidates(context, [candidates[i] for i in sorted(candidates)], params)
         return QAProgress(tuple(answers), len(candidates), len(windows))
 
-    async def _inline_if(self, short: bool, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """fn(...) here on the event loop when `short` (see INLINE_CONTEXT_CHARS), else on the pool."""
-        return fn(*args, **kwargs) if short else await self._run(fn, *args, **kwargs)
 
-    async def _run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+async def _on_pool(executor: Executor, fn: Callable[[], R]) -> R:
+    """fn() on `executor`, off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(executor, fn)
 
 
 def _model_ref(model: QAModel) -> ModelRef:
@@ -278,6 +252,66 @@ def _model_ref(model: QAModel) -> ModelRef:
         device=",".join(model.devices),
         dtype=model.dtype,
     )
+
+
+class _Stages:
+    """One request's way through a model: tokenizing, forward passes, decoding; each stage timed and observed in
+    the model's metrics."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        metrics: Metrics,
+        serving: ServingModel,
+        started: float,
+        deadline: float | None,
+    ) -> None:
+        self._executor = executor  # the engine's pool, for work too long for the event loop
+        self._batcher = serving.batcher
+        self._model = serving.model.name
+        self._metrics = metrics
+        self._started = started
+        self._deadline = deadline
+        self.tokenize_seconds = 0.0
+        self.batch = BatchTiming(queue=0.0, forward=0.0)
+        self.decode_seconds = 0.0
+
+    async def tokenize(self, split: Callable[[], R], *, inline: bool, context_chars: int) -> R:
+        """split() (here when `inline`, else on the pool), while the batcher knows windows are on their way."""
+        with self._batcher.incoming():
+            t0 = time.perf_counter()
+            windows = split() if inline else await _on_pool(self._executor, split)
+            self.tokenize_seconds = time.perf_counter() - t0
+        self._metrics.tokenize_duration.labels(self._model).observe(self.tokenize_seconds)
+        self._metrics.request_context_chars.labels(self._model).observe(context_chars)
+        return windows
+
+    @contextlib.asynccontextmanager
+    async def forward(self, inputs: list[WindowInput]) -> AsyncIterator[WindowResults[WindowInput, WindowLogits]]:
+        """The batcher's run of `inputs`, to iterate over as forward passes finish them."""
+        self._metrics.request_windows.labels(self._model).observe(len(inputs))
+        async with self._batcher.run(inputs, [len(w.input_ids) for w in inputs], self._deadline) as results:
+            yield results
+        self.batch = results.timing
+        self._metrics.queue_duration.labels(self._model).observe(self.batch.queue)
+
+    async def decode(self, decode: Callable[[], R], *, inline: bool) -> R:
+        """decode() (here when `inline`, else on the pool)."""
+        t0 = time.perf_counter()
+        result = decode() if inline else await _on_pool(self._executor, decode)
+        self.decode_seconds = time.perf_counter() - t0
+        self._metrics.decode_duration.labels(self._model).observe(self.decode_seconds)
+        return result
+
+    def timing(self) -> Timing:
+        """The stage timings, the total up to now."""
+        return Timing(
+            total=time.perf_counter() - self._started,
+            tokenize=self.tokenize_seconds,
+            queue=self.batch.queue,
+            forward=self.batch.forward,
+            decode=self.decode_seconds,
+        )
 
 
 def build_engine(
@@ -320,17 +354,6 @@ def build_engine(
         max_context_chars=max_context_chars,
         max_passages=max_passages,
         record_stages=record_stages,
-    )
-
-
-def _timing(started: float, tokenize: float, batch: BatchTiming, decode: float) -> Timing:
-    """A request's stage timings, its total up to now."""
-    return Timing(
-        total=time.perf_counter() - started,
-        tokenize=tokenize,
-        queue=batch.queue,
-        forward=batch.forward,
-        decode=decode,
     )
 
 
