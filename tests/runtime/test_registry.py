@@ -15,6 +15,7 @@ from qaserve.errors import ModelFailed, ModelNotFound, ModelPinned, ModelTooLarg
 from qaserve.metrics import Metrics
 from qaserve.runtime import BatchLimits, ModelRegistry, ModelState
 from qaserve.runtime.device import default_batch_tokens
+from qaserve.runtime.model import LoadPlan
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
 
 from qaserve_testing import FakeReplica, eventually
@@ -55,7 +56,10 @@ class Loader:
     def __post_init__(self) -> None:
         self.gate.set()
 
-    def __call__(self, spec: ModelSpec) -> FakeModel:
+    def plan(self, spec: ModelSpec) -> LoadPlan:
+        return LoadPlan(spec, ("cpu",), self.sizes.get(spec.name, 100 * MB))
+
+    def load(self, spec: ModelSpec) -> FakeModel:
         self.calls[spec.name] = self.calls.get(spec.name, 0) + 1
         self.gate.wait(10)
         if self.failures.get(spec.name, 0) > 0:
@@ -64,9 +68,6 @@ class Loader:
         model = FakeModel(spec, self.sizes.get(spec.name, 100 * MB))
         self.models[spec.name] = model
         return model
-
-    def estimate(self, spec: ModelSpec) -> int:
-        return self.sizes.get(spec.name, 100 * MB)
 
 
 Make = Callable[..., ModelRegistry]
@@ -84,7 +85,6 @@ async def make() -> AsyncIterator[Make]:
             max_models=max_models,
             max_bytes_per_device=max_bytes,
             loader=loader,  # type: ignore[arg-type]
-            estimate=loader.estimate,
             **kw,
         )
         made.append(registry)

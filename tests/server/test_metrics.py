@@ -22,7 +22,7 @@ from qaserve.config import parse_settings
 from qaserve.errors import ModelFailed
 from qaserve.metrics import MODEL_STATES, Metrics
 from qaserve.runtime import ModelRegistry
-from qaserve.runtime.model import QAModel, load_model
+from qaserve.runtime.model import ModelLoader, QAModel
 from qaserve.runtime.spec import ModelSpec
 from qaserve.server import QAServer
 from qaserve_client.v1 import question_answering_pb2 as pb
@@ -193,9 +193,10 @@ def one_hot(state: str) -> dict[str, float]:
 async def test_model_state_gauge_follows_load_and_unload(tiny_model_dir: Path, tmp_path: Path) -> None:
     release = threading.Event()
 
-    def gated_load(spec: ModelSpec) -> QAModel:
-        assert release.wait(PATIENCE), "the test never released the load"
-        return load_model(spec)
+    class GatedLoader(ModelLoader):
+        def load(self, spec: ModelSpec) -> QAModel:
+            assert release.wait(PATIENCE), "the test never released the load"
+            return super().load(spec)
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -204,7 +205,7 @@ async def test_model_state_gauge_follows_load_and_unload(tiny_model_dir: Path, t
         ModelSpec("broken", str(broken), device="cpu"),
     ]
     metrics = Metrics(CollectorRegistry())
-    registry = ModelRegistry(specs, "tiny", metrics, loader=gated_load)
+    registry = ModelRegistry(specs, "tiny", metrics, loader=GatedLoader())
     try:
         assert states(metrics, "tiny") == one_hot("unloaded")
         assert states(metrics, "broken") == one_hot("unloaded")

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
+from qaserve.metrics import Metrics
 from qaserve.qa import QARequest
-from qaserve.runtime import build_engine
+from qaserve.runtime import ModelRegistry, build_engine
 from qaserve.runtime.backends import MANIFEST_FILE, ONNX_FILE
 from qaserve.runtime.backends.manifest import sha256_file
 from qaserve.runtime.model import load_model
@@ -123,6 +125,30 @@ async def test_hub_ids_answer_from_an_offline_hugging_face_cache(
     assert error_reason(caught.value) == "MODEL_LOAD_FAILED"
     assert "not in the Hugging Face cache" in (caught.value.details() or "")
     assert "HF_HUB_OFFLINE is set" in (caught.value.details() or "")
+
+
+async def test_a_hub_model_is_resolved_once_per_load(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning its devices, estimating its bytes and loading it all read one snapshot: the hub (or its cache) is
+    asked once per load, for a model loaded on first use and again after an unload."""
+    import huggingface_hub
+
+    asked: list[tuple[str, str | None]] = []
+
+    def snapshot_download(repo_id: str, *, revision: str | None = None, **_: object) -> str:
+        asked.append((repo_id, revision))
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    spec = ModelSpec("hub", "acme/tiny-qa", revision=COMMIT, backend="torch", device="cpu", warmup=False)
+    registry = ModelRegistry([spec], "hub", Metrics(CollectorRegistry()))
+    try:
+        await registry.get("hub")
+        assert asked == [("acme/tiny-qa", COMMIT)]
+        await registry.unload("hub")
+        await registry.load("hub")
+        assert asked == [("acme/tiny-qa", COMMIT)] * 2
+    finally:
+        await registry.close()
 
 
 def test_an_int8_graph_without_manifest_reports_int8_and_its_hash(tiny_int8_dir: Path, tmp_path: Path) -> None:

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import queue
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qaserve.qa import QAParams, Windows
 from qaserve.qa.windowing import WindowSplitter, resolve_params
-from qaserve.runtime.backends import Loaded, WindowInput, choose_backend, get_backend
+from qaserve.runtime.backends import Loaded, WindowInput, choose_backend, estimate_bytes, get_backend, plan_devices
 from qaserve.runtime.source import is_path, resolved
 from qaserve.runtime.spec import ModelSpec
 
@@ -146,6 +145,42 @@ def load_model(spec: ModelSpec, *, intra_op_threads: int = 0, tokenize_threads: 
     return model
 
 
-def model_loader(intra_op_threads: int = 0, tokenize_threads: int = 2) -> Callable[[ModelSpec], QAModel]:
-    """load_model with the server's thread settings, for ModelRegistry(loader=...)."""
-    return functools.partial(load_model, intra_op_threads=intra_op_threads, tokenize_threads=tokenize_threads)
+@dataclass(frozen=True)
+class LoadPlan:
+    """A model about to load: its spec with the source resolved to a directory, the devices it will load onto and
+    the weight bytes it will take on each (0: unknown), known before any weights load."""
+
+    spec: ModelSpec
+    devices: tuple[str, ...]
+    nbytes: int
+
+
+class Loader(Protocol):
+    """How the model cache loads a configured model: plan() first (for room in the cache), then load() with the
+    plan's spec. Both blocking: called off the event loop."""
+
+    def plan(self, spec: ModelSpec) -> LoadPlan: ...
+
+    def load(self, spec: ModelSpec) -> QAModel: ...
+
+
+class ModelLoader:
+    """Loader of the backends with the server's thread settings: --intra-op-threads (0: by the batching policy) and
+    --tokenize-threads. A hub id is resolved once per load, by plan(): the devices, the bytes and the load all read
+    that one snapshot."""
+
+    def __init__(self, intra_op_threads: int = 0, tokenize_threads: int = 2) -> None:
+        self.intra_op_threads = intra_op_threads
+        self.tokenize_threads = tokenize_threads
+
+    def plan(self, spec: ModelSpec) -> LoadPlan:
+        local = resolved(spec)  # a hub id becomes its snapshot in the Hugging Face cache
+        return LoadPlan(local, tuple(plan_devices(local)), estimate_bytes(local))
+
+    def load(self, spec: ModelSpec) -> QAModel:
+        return load_model(spec, intra_op_threads=self.intra_op_threads, tokenize_threads=self.tokenize_threads)
+
+
+def model_loader(intra_op_threads: int = 0, tokenize_threads: int = 2) -> ModelLoader:
+    """The ModelLoader with the server's thread settings, for ModelRegistry(loader=...)."""
+    return ModelLoader(intra_op_threads, tokenize_threads)

@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from qaserve.errors import ModelFailed, ModelNotFound, ModelNotReady, ModelPinned, ModelTooLarge
 from qaserve.metrics import Metrics
-from qaserve.runtime.backends import WindowInput, WindowLogits, estimate_bytes, plan_devices
+from qaserve.runtime.backends import WindowInput, WindowLogits
 from qaserve.runtime.batcher import Batcher, BatchLimits
 from qaserve.runtime.budget import Budget, Holding
 from qaserve.runtime.cache_entry import CacheEntry, ModelInfo, ModelState, Retiring, ServingModel, describe_failure
 from qaserve.runtime.device import default_batch_tokens
-from qaserve.runtime.model import QAModel, load_model
+from qaserve.runtime.model import Loader, ModelLoader
 from qaserve.runtime.policy import spreads_windows
 from qaserve.runtime.reconfigure import Reconfigured, plan_reconfigure
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
@@ -48,9 +48,7 @@ class ModelRegistry:
         *,
         max_models: int = 4,
         max_bytes_per_device: int = 0,
-        loader: Callable[[ModelSpec], QAModel] = load_model,
-        estimate: Callable[[ModelSpec], int] = estimate_bytes,
-        devices: Callable[[ModelSpec], list[str]] = plan_devices,
+        loader: Loader | None = None,
         on_state: Callable[[str, ModelState], None] | None = None,
     ) -> None:
         self.specs = {spec.name: spec for spec in specs}
@@ -59,9 +57,7 @@ class ModelRegistry:
         self.default = default
         self.budget = Budget(max_models, max_bytes_per_device)
         self._metrics = metrics
-        self._loader = loader
-        self._estimate = estimate
-        self._devices = devices
+        self._loader = loader if loader is not None else ModelLoader()
         self._on_state = on_state
         self._entries = {spec.name: CacheEntry(spec) for spec in specs}
         self._lru: OrderedDict[str, None] = OrderedDict()  # ready models, least recently used first
@@ -291,11 +287,10 @@ class ModelRegistry:
         self._set_state(entry, ModelState.LOADING)
         started = time.perf_counter()
         try:
-            devices = await asyncio.to_thread(self._devices, spec)
-            entry.reserved = await asyncio.to_thread(self._estimate, spec)
-            entry.reserved_on = tuple(devices)
-            await self._make_room(entry, devices, entry.reserved)
-            serving = await self._start(spec)
+            plan = await asyncio.to_thread(self._loader.plan, spec)
+            entry.reserved, entry.reserved_on = plan.nbytes, plan.devices
+            await self._make_room(entry, plan.devices, plan.nbytes)
+            serving = await self._start(plan.spec)
             model = serving.model
             if self._entries.get(spec.name) is not entry:  # removed or replaced by a reconfigure meanwhile
                 await serving.close()
@@ -327,7 +322,7 @@ class ModelRegistry:
     async def _start(self, spec: ModelSpec) -> ServingModel:
         """Loads a model (on a thread) and starts its batcher."""
         log.info("loading model %s", spec.name)
-        model = await asyncio.to_thread(self._loader, spec)
+        model = await asyncio.to_thread(self._loader.load, spec)
         batcher: Batcher[WindowInput, WindowLogits] = Batcher(
             spec.name, model.replicas, batch_limits(spec, model.devices[0]), self._metrics, solo=model.solo
         )
@@ -337,11 +332,10 @@ class ModelRegistry:
     async def _load_beside(self, spec: ModelSpec, beside: Sequence[ServingModel]) -> ServingModel | None:
         """A new version of a loaded model, loaded while the old one serves; None when the cache has no room for
         both (without evicting another model)."""
-        devices = await asyncio.to_thread(self._devices, spec)
-        need = await asyncio.to_thread(self._estimate, spec)
-        if not self.budget.fits([*self._holdings(), *(s.holding() for s in beside)], devices, need):
+        plan = await asyncio.to_thread(self._loader.plan, spec)
+        if not self.budget.fits([*self._holdings(), *(s.holding() for s in beside)], plan.devices, plan.nbytes):
             return None
-        return await self._start(spec)
+        return await self._start(plan.spec)
 
     async def _load_after(self, retiring: asyncio.Task[None], entry: CacheEntry) -> ServingModel:
         await asyncio.shield(retiring)

@@ -94,7 +94,8 @@ def choose_backend(spec: ModelSpec) -> str:
 
 def plan_devices(spec: ModelSpec) -> list[str]:
     """The devices a model will load onto, before it loads (for the model cache's byte budget). Blocking: a hub
-    id is resolved to its snapshot in the Hugging Face cache (see source.local_directory)."""
+    id is resolved to its snapshot in the Hugging Face cache (see source.resolved); the model cache passes specs
+    resolved already (model.ModelLoader)."""
     local = resolved(spec)
     return get_backend(choose_backend(local)).devices(local)
 
