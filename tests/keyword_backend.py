@@ -49,7 +49,7 @@ class KeywordBackend:
     def devices(self, spec: ModelSpec) -> list[str]:
         return ["cpu"]
 
-    def estimate_bytes(self, spec: ModelSpec) -> int:
+    def estimate_bytes(self, spec: ModelSpec, *, intra_op_threads: int) -> int:
         return 0
 
     def load(self, spec: ModelSpec, *, pad_token_id: int, intra_op_threads: int) -> Loaded:

@@ -23,7 +23,7 @@ from qaserve.runtime.backends import (
 )
 from qaserve.runtime.backends.manifest import sha256_file
 from qaserve.runtime.device import cpu_cores
-from qaserve.runtime.model import QAModel, load_model
+from qaserve.runtime.model import ModelLoader, QAModel, load_model
 from qaserve.runtime.spec import ModelSpec
 
 QUESTION = "Where does the river flow?"
@@ -102,6 +102,23 @@ def test_onnx_model_reports_dtype_revision_bytes_and_runs_on_its_own_thread(tiny
     finally:
         model.close()
     assert model.replicas == []
+
+
+@pytest.mark.parametrize(("intra_op_threads", "replicas"), [(0, 5), (1, 4), (2, 2)])
+def test_onnx_bytes_planned_are_the_bytes_its_replicas_load(
+    tiny_int8_dir: Path, monkeypatch: pytest.MonkeyPatch, intra_op_threads: int, replicas: int
+) -> None:
+    """What the model cache reserves before a load is what the load takes, with --intra-op-threads set or not: on
+    4 cores, 4 one-thread lanes and a solo replica by the policy, 4 replicas of 1 thread, or 2 of 2."""
+    monkeypatch.setattr("qaserve.runtime.policy.cpu_cores", lambda: 4)
+    loader = ModelLoader(intra_op_threads=intra_op_threads)
+    plan = loader.plan(ModelSpec("int8", str(tiny_int8_dir), device="cpu", warmup=False))
+    model = loader.load(plan.spec)
+    try:
+        assert len(model.replicas) == replicas
+        assert plan.nbytes == model.nbytes == replicas * (tiny_int8_dir / ONNX_FILE).stat().st_size
+    finally:
+        model.close()
 
 
 def test_int8_weights_are_smaller_than_float32(tiny_onnx_dir: Path, tiny_int8_dir: Path) -> None:

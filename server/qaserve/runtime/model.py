@@ -175,7 +175,8 @@ class ModelLoader:
 
     def plan(self, spec: ModelSpec) -> LoadPlan:
         local = resolved(spec)  # a hub id becomes its snapshot in the Hugging Face cache
-        return LoadPlan(local, tuple(plan_devices(local)), estimate_bytes(local))
+        nbytes = estimate_bytes(local, intra_op_threads=self.intra_op_threads)  # the replicas load() will make
+        return LoadPlan(local, tuple(plan_devices(local)), nbytes)
 
     def load(self, spec: ModelSpec) -> QAModel:
         return load_model(spec, intra_op_threads=self.intra_op_threads, tokenize_threads=self.tokenize_threads)

@@ -100,11 +100,11 @@ def plan_devices(spec: ModelSpec) -> list[str]:
     return get_backend(choose_backend(local)).devices(local)
 
 
-def estimate_bytes(spec: ModelSpec) -> int:
+def estimate_bytes(spec: ModelSpec, intra_op_threads: int = 0) -> int:
     """Weight bytes a model will take per device, read from file headers (no weights loaded); 0 when unknown.
-    Blocking, as plan_devices."""
+    `intra_op_threads` is the load's (--intra-op-threads). Blocking, as plan_devices."""
     local = resolved(spec)
-    return get_backend(choose_backend(local)).estimate_bytes(local)
+    return get_backend(choose_backend(local)).estimate_bytes(local, intra_op_threads=intra_op_threads)
 
 
 __all__ = [

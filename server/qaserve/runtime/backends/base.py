@@ -68,8 +68,9 @@ class Backend(Protocol):
         """The devices the model's replicas will run on (e.g. ["cpu"], ["cuda:0", "cuda:1"])."""
         ...
 
-    def estimate_bytes(self, spec: ModelSpec) -> int:
-        """Weight bytes the model will take per device, without loading it; 0 when unknown."""
+    def estimate_bytes(self, spec: ModelSpec, *, intra_op_threads: int) -> int:
+        """Weight bytes the model will take per device, without loading it; 0 when unknown. `intra_op_threads` is
+        load()'s, for backends whose replicas each hold their own weights (their count follows the plan)."""
         ...
 
     def load(self, spec: ModelSpec, *, pad_token_id: int, intra_op_threads: int) -> Loaded:

@@ -41,6 +41,10 @@ def _weight_files(path: Path) -> list[Path]:
     return [p for p in (path, path.with_name(path.name + ".data"), path.with_name(path.name + "_data")) if p.is_file()]
 
 
+def _weights_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in _weight_files(path))
+
+
 def graph_dtype(path: Path) -> str:
     """int8 where the graph holds quantized operators, float16 where its weights are half precision, else
     float32: what the server reports, read from the graph (not its weights) in any layout."""
@@ -140,13 +144,14 @@ class OnnxBackend:
             return [f"cuda:{index or 0}"]
         raise ValueError(f"the onnx backend runs on cpu or cuda[:N], not {spec.device!r}")
 
-    def estimate_bytes(self, spec: ModelSpec) -> int:
-        """The weight files' size, once per replica (each replica holds its own session)."""
+    def estimate_bytes(self, spec: ModelSpec, *, intra_op_threads: int) -> int:
+        """The weight files' size, once per replica that load() makes with `intra_op_threads` (each replica holds
+        its own session)."""
         path = find_onnx(Path(spec.source))
         if path is None:
             return 0
-        replicas = replica_plan(self.devices(spec)[0], spec.replicas_per_device, 0).count
-        return sum(p.stat().st_size for p in _weight_files(path)) * replicas
+        replicas = replica_plan(self.devices(spec)[0], spec.replicas_per_device, intra_op_threads).count
+        return _weights_size(path) * replicas
 
     def load(self, spec: ModelSpec, *, pad_token_id: int, intra_op_threads: int) -> Loaded:
         """Serves the directory's ONNX file; a manifest beside it (qaserve export's) is not needed: the revision is
@@ -171,7 +176,7 @@ class OnnxBackend:
                 backend=self.name,
                 replicas=replicas,
                 dtype=dtype,
-                nbytes=self.estimate_bytes(spec),
+                nbytes=_weights_size(path) * len(replicas),
                 revision=sha256_file(path),
                 max_positions=_max_positions(directory),
                 close=close,

@@ -128,8 +128,9 @@ class TorchBackend:
             return ["cpu"]
         return [str(d) for d in replica_devices(spec.device)]
 
-    def estimate_bytes(self, spec: ModelSpec) -> int:
-        """From the safetensors header (no weights read), at the dtype the model will load as."""
+    def estimate_bytes(self, spec: ModelSpec, *, intra_op_threads: int) -> int:
+        """From the safetensors header (no weights read), at the dtype the model will load as; replicas on one
+        device share its weights, so threads do not count."""
         path = Path(spec.source) / "model.safetensors"
         if not path.is_file():
             return 0
