@@ -201,6 +201,13 @@ class Unauthenticated(QAServeError):
 _PATH = re.compile(r"(?<![\w.:~/\\>-])(?:~|[A-Za-z]:)?[\\/][^\s'\"`,;()<>\[\]{}]+")
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's text (a library's can run to pages), or its type's name where it has none:
+    what a message about a failure quotes of it."""
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def redact_host_details(text: str, sources: Iterable[str] = ()) -> str:
     """`text` without what is specific to this host: the configured `sources` (directories or hub ids) become
     `<model source>`, and every other filesystem path (model files, the hub cache, temporary files) `<path>`."""

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qaserve.errors import first_line
 from qaserve.runtime.backends.manifest import MANIFEST_FILE, ONNX_FILE, QUANTIZATIONS, OnnxManifest, weights_revision
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"qaserve export needs the torch extra (pip install 'qaserve[torch]'): {error}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as error:
-        text = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"qaserve export: {text}", file=sys.stderr)
+        print(f"qaserve export: {first_line(error)}", file=sys.stderr)
         return 1
     inputs = ", ".join(manifest.inputs)
     print(f"exported {args.model_dir} to {args.out_dir / ONNX_FILE} ({manifest.dtype}, inputs {inputs})")

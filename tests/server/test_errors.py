@@ -26,6 +26,7 @@ from qaserve.errors import (
     QAServeError,
     ShuttingDown,
     Unauthenticated,
+    first_line,
     redact_host_details,
     shorten,
 )
@@ -190,3 +191,11 @@ def test_shorten_keeps_short_values_and_marks_cut_ones() -> None:
 )
 def test_load_failures_lose_every_host_path(text: str, expected: str) -> None:
     assert redact_host_details(text, ["/srv/models/qa"]) == expected
+
+
+def test_a_library_error_is_quoted_by_its_first_line_or_its_type() -> None:
+    """What a load or export failure message quotes of a framework's exception: one line, never an empty one."""
+    assert first_line(RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH\n  at node 3\n  at node 4")) == (
+        "[ONNXRuntimeError] : 10 : INVALID_GRAPH"
+    )
+    assert first_line(OSError()) == "OSError"

@@ -12,6 +12,7 @@ from typing import Any
 import numpy.typing as npt
 import onnxruntime as ort
 
+from qaserve.errors import first_line
 from qaserve.runtime.backends.base import Batch, Loaded, ReplicaThread, WindowInput, load_replicas
 from qaserve.runtime.backends.manifest import ONNX_LAYOUTS, find_onnx, sha256_file
 from qaserve.runtime.policy import replica_plan
@@ -53,8 +54,7 @@ def graph_dtype(path: Path) -> str:
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as error:  # protobuf's decode errors, onnx's own: their first line says what is wrong
-        text = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"{path.name} could not be read as an ONNX model: {text}") from None
+        raise ValueError(f"{path.name} could not be read as an ONNX model: {first_line(error)}") from None
     ops = {node.op_type for node in graph.node}
     if ops & QUANTIZED_OPS:
         return "int8"
@@ -93,8 +93,7 @@ class OnnxReplica(ReplicaThread):
         try:
             session = ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
         except Exception as error:  # ORT's own exception types say little more than their text
-            text = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(f"{self._path.name} could not be loaded by ONNX Runtime: {text}") from None
+            raise ValueError(f"{self._path.name} could not be loaded by ONNX Runtime: {first_line(error)}") from None
         inputs = [i.name for i in session.get_inputs()]
         unknown = [name for name in inputs if name not in FED_INPUTS]
         if unknown or "input_ids" not in inputs:
