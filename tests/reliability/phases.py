@@ -45,7 +45,8 @@ class Config:
     cancellations: int = 1_000
     deadline_requests: int = 50
     rss_tolerance: float = 0.05
-    seconds_per_phase: float = 300.0  # a phase that has not finished by then stops and fails
+    # A phase that has not finished by then stops and fails; load gets longer on a machine measured slower.
+    seconds_per_phase: float = 300.0
 
 
 FULL = Config()
@@ -109,11 +110,15 @@ async def load(server: Server, config: Config) -> Row:
     rejections = 0
     latencies: list[float] = []
     async with qa_stub(server.target) as stub:
+        alone = time.perf_counter()
         reference = [await stub.Answer(request, timeout=60) for request in pool]
+        alone = time.perf_counter() - alone
         rss_before = server.rss_bytes()
         next_index = itertools.count()
         started = time.perf_counter()
-        until = started + config.seconds_per_phase
+        # Three times the requests' time one at a time, as the pool ran just now: a busy machine gets the time its
+        # measured pace needs (with room to get busier still), where a fixed limit would cut the phase short.
+        until = started + max(config.seconds_per_phase, 3 * alone * config.requests / len(pool))
 
         async def attempt(request: pb.AnswerRequest) -> pb.AnswerResponse | str:
             nonlocal rejections
@@ -311,15 +316,15 @@ async def cancel_after(
 async def deadlines(server: Server, config: Config) -> list[Row]:
     """Requests whose deadline is shorter than their work end DEADLINE_EXCEEDED and their windows never run
     (the windows the model ran, qaserve_batch_windows_sum, grow by nothing of theirs). Each deadline is a fraction
-    of the time the same work took without one, so the cases hold on fast and slow machines alike."""
+    of the time the same work took without one, measured three times: the fastest run where the deadline must pass
+    before the work is done, so the cases hold on fast and slow machines alike, and on one whose load changes."""
     rng = random.Random(4)
     n = config.deadline_requests
     rows = []
     async with qa_stub(server.target) as stub:
         # 1. An idle server, and a context whose tokenizing alone outlasts the deadline.
         huge = pb.AnswerRequest(question="Who opened it?", context=context_of(rng, 1000), max_seq_len=32, doc_stride=8)
-        timing = (await stub.Answer(huge, timeout=120)).timing
-        deadline = timing.tokenize_seconds / 4
+        deadline = min(t.tokenize_seconds for t in await timings(stub, huge)) / 4
         before = await server.settled()
         codes = await asyncio.gather(*(outcome(stub.Answer(huge, timeout=deadline)) for _ in range(n)))
         ran = windows_run(await server.settled()) - windows_run(before)
@@ -332,13 +337,18 @@ async def deadlines(server: Server, config: Config) -> list[Row]:
             )
         )
 
-        # 2. Short requests queued behind a long one, with deadlines that pass before the long one is done.
-        blocker = pb.AnswerRequest(question="Who opened it?", context=context_of(rng, 1000), max_seq_len=384)
+        # 2. Short requests queued behind a long one, with deadlines that pass before the long one is done. Its
+        # windows overlap much (doc_stride 320 of 384), so running them takes several times its tokenizing and the
+        # short requests, sent once it is queued, have most of its run for their deadlines to pass.
+        long = pb.AnswerRequest(
+            question="Who opened it?", context=context_of(rng, 1000), max_seq_len=384, doc_stride=320
+        )
         short = pb.AnswerRequest(question="Who opened the museum?", context=context_of(rng, 3))
-        timing = (await stub.Answer(blocker, timeout=120)).timing
-        deadline = (timing.queue_seconds + timing.forward_seconds) / 4
+        measured = await timings(stub, long)
+        work = min(t.queue_seconds + t.forward_seconds for t in measured)
+        deadline = work / 4
         before = await server.settled()
-        blocking = asyncio.ensure_future(stub.Answer(blocker, timeout=120))
+        blocking = asyncio.ensure_future(stub.Answer(long, timeout=120))
         await queued(server)
         codes = await asyncio.gather(*(outcome(stub.Answer(short, timeout=deadline)) for _ in range(n)))
         blocker_windows = (await blocking).windows
@@ -352,10 +362,10 @@ async def deadlines(server: Server, config: Config) -> list[Row]:
             )
         )
 
-        # 3. A progressive stream whose deadline passes mid-way: the windows not yet run are dropped.
-        long = pb.AnswerRequest(question="Who opened it?", context=context_of(rng, 1000), max_seq_len=64, doc_stride=16)
-        timing = (await stub.Answer(long, timeout=120)).timing
-        deadline = timing.tokenize_seconds + (timing.queue_seconds + timing.forward_seconds) / 2
+        # 3. A progressive stream of the long request whose deadline passes mid-way: the windows not yet run are
+        # dropped. Its windows take several times its tokenizing, so the deadline falls among them even when
+        # tokenizing takes a few times its usual time.
+        deadline = statistics.median(t.tokenize_seconds for t in measured) + work / 2
         before = await server.settled()
         call = stub.AnswerProgressive(pb.AnswerProgressiveRequest(request=long), timeout=deadline)
         windows, code = 0, "OK"
@@ -377,6 +387,13 @@ async def deadlines(server: Server, config: Config) -> list[Row]:
         answers = await probe(stub)
         rows.append(Row("after the deadline cases", "the next request is answered", answers, answers == "ok"))
     return rows
+
+
+async def timings(
+    stub: pb_grpc.QuestionAnsweringServiceStub, request: pb.AnswerRequest, runs: int = 3
+) -> list[pb.ServerTiming]:
+    """The server's timing of `request` (tokenize, queue, forward seconds) in `runs` runs one after another."""
+    return [(await stub.Answer(request, timeout=120)).timing for _ in range(runs)]
 
 
 async def outcome(call: Awaitable[object]) -> str:
