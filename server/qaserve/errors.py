@@ -25,6 +25,11 @@ class QAServeError(Exception):
     # The HTTP status where the gRPC code's (api/errors.py) does not fit what went wrong on the HTTP wire.
     http_status: int | None = None
 
+    @classmethod
+    def reasons(cls) -> tuple[str, ...]:
+        """The reasons errors of this class carry."""
+        return (cls.reason,)
+
 
 class InvalidArgument(QAServeError):
     """A request field is out of its documented range."""
@@ -194,6 +199,21 @@ class Unauthenticated(QAServeError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    @classmethod
+    def reasons(cls) -> tuple[str, ...]:
+        return ("MISSING_TOKEN", "INVALID_TOKEN")
+
+
+def error_reasons() -> list[str]:
+    """Every ErrorInfo reason a client may get from qaserve, INTERNAL (an unexpected error's) included."""
+    reasons: set[str] = set()
+    classes: list[type[QAServeError]] = [QAServeError]
+    while classes:
+        cls = classes.pop()
+        reasons.update(cls.reasons())
+        classes.extend(cls.__subclasses__())
+    return sorted(reasons)
 
 
 # Absolute paths (POSIX, or a Windows drive) and home-relative ones: what a load failure's text may carry of the

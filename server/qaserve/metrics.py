@@ -20,6 +20,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from qaserve.errors import error_reasons
+
 LATENCY_BUCKETS = (
     0.001,
     0.0025,
@@ -63,6 +65,8 @@ CONTEXT_CHAR_BUCKETS = (100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000,
 REQUEST_WINDOW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256, 512)
 # The values of qaserve_model_state's `state` label (runtime.ModelState's values).
 MODEL_STATES = ("unloaded", "loading", "ready", "failed")
+# The values of qaserve_rejections_total's `reason` label (the batcher's).
+REJECTION_REASONS = ("deadline",)
 # Distributions whose versions qaserve_build_info reports, with each backend's framework (build_labels); "" when one
 # is not installed (torch is an extra).
 BUILD_DISTRIBUTIONS = {
@@ -254,6 +258,12 @@ class Metrics:
             "Estimated bytes held by the response cache.",
             registry=registry,
         )
+        # Counters whose label values are known up front start at 0, so a rate or an alert over them reads 0 from
+        # the first scrape rather than no data; the configured models' ones as each is added (add_model).
+        for reason in error_reasons():
+            self.errors.labels(reason)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
 
     def set_model_state(self, model: str, state: str) -> None:
         """Marks `state` (one of MODEL_STATES) as the model's current one."""
@@ -267,6 +277,18 @@ class Metrics:
             self.models_loaded.labels(device).set(count)
             self.model_bytes.labels(device).set(nbytes)
         self._usage_devices.update(by_device)
+
+    def add_model(self, model: str) -> None:
+        """Starts a configured model's counters (model and response cache hits, misses, evictions) at 0."""
+        for counter in (
+            self.model_cache_hits,
+            self.model_cache_misses,
+            self.model_cache_evictions,
+            self.response_cache_hits,
+            self.response_cache_misses,
+            self.response_cache_evictions,
+        ):
+            counter.labels(model)
 
     def forget_model(self, model: str) -> None:
         """Drops a model's qaserve_model_state series (a model removed from the configuration)."""

@@ -143,17 +143,20 @@ async def test_metrics_endpoint_shows_requests(
     before = server.metrics.registry.get_sample_value(
         "qaserve_request_duration_seconds_count", {"method": "Answer", "model": "tiny", "code": "OK"}
     )
+    errors_before = server.metrics.registry.get_sample_value("qaserve_errors_total", {"reason": "INVALID_ARGUMENT"})
     await stub.Answer(pb.AnswerRequest(question="What is the capital?", context=CONTEXT), timeout=10)
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Answer(pb.AnswerRequest(question="", context=CONTEXT), timeout=10)
 
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
-    ok_line = 'qaserve_request_duration_seconds_count{code="OK",method="Answer",model="tiny"}'
-    count = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(ok_line))
-    assert count == (before or 0) + 1
+
+    def value(series: str) -> float:
+        return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " "))
+
+    assert value('qaserve_request_duration_seconds_count{code="OK",method="Answer",model="tiny"}') == (before or 0) + 1
     assert 'qaserve_request_duration_seconds_count{code="INVALID_ARGUMENT",method="Answer",model="tiny"}' in text
-    assert 'qaserve_errors_total{reason="INVALID_ARGUMENT"}' in text
+    assert value('qaserve_errors_total{reason="INVALID_ARGUMENT"}') == (errors_before or 0) + 1
     assert "qaserve_requests_in_flight" in text
     assert "qaserve_forward_duration_seconds_bucket" in text
 

@@ -109,6 +109,34 @@ async def test_process_metrics_and_build_info_over_ipv6_loopback(
                 await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/metrics", None, 5)
 
 
+async def test_a_fresh_server_reports_its_counters_at_zero(tiny_model_dir: Path) -> None:
+    """Before any request, every error reason, rejection reason and configured model's cache counters read 0 (not
+    "no data"), so alerts and rates over them work from the start."""
+    async with in_process_server(tiny_settings(tiny_model_dir)) as server:
+        samples = await asyncio.to_thread(scrape, f"http://127.0.0.1:{server.metrics_port}/metrics")
+
+    def value(name: str, **labels: str) -> float | None:
+        return samples.get((name, frozenset(labels.items())))
+
+    for reason in (
+        "OVERLOADED",
+        "DEADLINE_TOO_SHORT",
+        "INVALID_ARGUMENT",
+        "MODEL_NOT_FOUND",
+        "INTERNAL",
+        "MISSING_TOKEN",
+    ):
+        assert value("qaserve_errors_total", reason=reason) == 0, reason
+    assert value("qaserve_rejections_total", reason="deadline") == 0
+    for counter in (
+        "model_cache_evictions",
+        "response_cache_hits",
+        "response_cache_misses",
+        "response_cache_evictions",
+    ):
+        assert value(f"qaserve_{counter}_total", model="tiny") == 0, counter
+
+
 # -- request sizes and overload, through gRPC ---------------------------------------------------------------------
 
 

@@ -65,6 +65,7 @@ class ModelRegistry:
         self._closing = asyncio.Event()
         self._retiring = Retiring(DRAIN_SECONDS, self._closing, on_closed=self._update_usage)
         for name in self._entries:
+            metrics.add_model(name)
             metrics.set_model_state(name, ModelState.UNLOADED.value)
 
     @property
@@ -210,6 +211,7 @@ class ModelRegistry:
                     entry.serving = None
                 self._metrics.forget_model(name)
             for name in added:
+                self._metrics.add_model(name)
                 self._entries[name] = CacheEntry(new[name])
                 self._set_state(self._entries[name], ModelState.UNLOADED)
             for name in changed:
