@@ -10,10 +10,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from qaserve.errors import redact_host_details
+from qaserve.metrics import Metrics
 from qaserve.runtime.backends import WindowInput, WindowLogits
-from qaserve.runtime.batcher import Batcher
+from qaserve.runtime.batcher import Batcher, BatchLimits
 from qaserve.runtime.budget import Holding
+from qaserve.runtime.device import default_batch_tokens
 from qaserve.runtime.model import QAModel
+from qaserve.runtime.policy import spreads_windows
 from qaserve.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,16 @@ class ServingModel:
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    @classmethod
+    def start(cls, model: QAModel, metrics: Metrics) -> ServingModel:
+        """`model` serving: its batcher started, with its spec's batching limits on its first device."""
+        limits = batch_limits(model.spec, model.devices[0])
+        batcher: Batcher[WindowInput, WindowLogits] = Batcher(
+            model.name, model.replicas, limits, metrics, solo=model.solo
+        )
+        batcher.start()
+        return cls(model, batcher)
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[ServingModel]:
@@ -163,6 +176,17 @@ class CacheEntry:
             last_used=self.last_used,
             error=self.error,
         )
+
+
+def batch_limits(spec: ModelSpec, device: str) -> BatchLimits:
+    """A model's batching limits on `device`: max_batch_tokens 0 takes the device's default; how batches form
+    there is the batching policy's (runtime/policy.py)."""
+    return BatchLimits(
+        max_windows=spec.max_batch_windows,
+        max_tokens=spec.max_batch_tokens or default_batch_tokens(device),
+        max_wait=spec.max_wait_ms / 1000.0,
+        spread=spreads_windows(device),
+    )
 
 
 def describe_failure(exc: BaseException, spec: ModelSpec) -> str:

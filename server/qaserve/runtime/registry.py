@@ -12,13 +12,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from qaserve.errors import ModelFailed, ModelNotFound, ModelNotReady, ModelPinned, ModelTooLarge
 from qaserve.metrics import Metrics
-from qaserve.runtime.backends import WindowInput, WindowLogits
-from qaserve.runtime.batcher import Batcher, BatchLimits
 from qaserve.runtime.budget import Budget, Holding
 from qaserve.runtime.cache_entry import CacheEntry, ModelInfo, ModelState, Retiring, ServingModel, describe_failure
-from qaserve.runtime.device import default_batch_tokens
 from qaserve.runtime.model import Loader, ModelLoader
-from qaserve.runtime.policy import spreads_windows
 from qaserve.runtime.reconfigure import Reconfigured, plan_reconfigure
 from qaserve.runtime.spec import ModelsConfig, ModelSpec
 
@@ -325,11 +321,7 @@ class ModelRegistry:
         """Loads a model (on a thread) and starts its batcher."""
         log.info("loading model %s", spec.name)
         model = await asyncio.to_thread(self._loader.load, spec)
-        batcher: Batcher[WindowInput, WindowLogits] = Batcher(
-            spec.name, model.replicas, batch_limits(spec, model.devices[0]), self._metrics, solo=model.solo
-        )
-        batcher.start()
-        return ServingModel(model, batcher)
+        return ServingModel.start(model, self._metrics)
 
     async def _load_beside(self, spec: ModelSpec, beside: Sequence[ServingModel]) -> ServingModel | None:
         """A new version of a loaded model, loaded while the old one serves; None when the cache has no room for
@@ -390,14 +382,3 @@ class ModelRegistry:
     def _update_usage(self) -> None:
         loaded = [h for e in self._entries.values() if e.serving is not None and (h := e.holding()) is not None]
         self._metrics.set_model_usage(self.budget.usage([*loaded, *self._retiring.holdings()]))
-
-
-def batch_limits(spec: ModelSpec, device: str) -> BatchLimits:
-    """A model's batching limits on `device`: max_batch_tokens 0 takes the device's default; how batches form
-    there is the batching policy's (runtime/policy.py)."""
-    return BatchLimits(
-        max_windows=spec.max_batch_windows,
-        max_tokens=spec.max_batch_tokens or default_batch_tokens(device),
-        max_wait=spec.max_wait_ms / 1000.0,
-        spread=spreads_windows(device),
-    )
