@@ -28,10 +28,10 @@ def tokenizer(request: pytest.FixtureRequest) -> Any:
     return build_tokenizer(FAMILIES[request.param])
 
 
-def left_padding(tokenizer: Any) -> Any:
-    """The tokenizer as one that pads on the left: the pipeline then puts the question second."""
+def on_the_left(tokenizer: Any, setting: str) -> Any:
+    """A copy of the tokenizer that pads (the pipeline then puts the question second) or truncates on the left."""
     flipped = copy.deepcopy(tokenizer)
-    flipped.padding_side = "left"
+    setattr(flipped, setting, "left")
     return flipped
 
 
@@ -49,9 +49,9 @@ def transformers_windows(tokenizer: Any, question: str, context: str, max_seq_le
     )
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_windows_are_the_transformers_encodings(tokenizer: Any, side: str) -> None:
-    tokenizer = tokenizer if side == "right" else left_padding(tokenizer)
+@pytest.mark.parametrize("left", ["", "padding_side", "truncation_side"])
+def test_windows_are_the_transformers_encodings(tokenizer: Any, left: str) -> None:
+    tokenizer = on_the_left(tokenizer, left) if left else tokenizer
     splitter = WindowSplitter(copy.deepcopy(tokenizer))
     for question in QUESTIONS:
         for context in CONTEXTS:
@@ -71,7 +71,7 @@ def test_windows_are_the_transformers_encodings(tokenizer: Any, side: str) -> No
                     assert ours.word_ids == theirs.word_ids
                     assert ours.type_ids == theirs.type_ids
                     assert ours.special_tokens_mask == theirs.special_tokens_mask
-                assert windows.context_index == (1 if side == "right" else 0)
+                assert windows.context_index == (0 if left == "padding_side" else 1)
 
 
 def test_settings_left_on_the_rust_tokenizer_do_not_change_the_windows(tokenizer: Any) -> None:
