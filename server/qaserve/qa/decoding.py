@@ -50,12 +50,14 @@ def score_windows(
 ) -> list[WindowCandidates]:
     """Candidates of the windows `indices` (row i of the logits belongs to window indices[i]), vectorised."""
     assert params.top_k is not None and params.max_answer_len is not None, "params must be resolved"
+    rows = start_logits.shape[0]
     mask = _rows_mask(windows.answer_masks, indices, start_logits.shape)
-    start = _softmax(np.where(mask, start_logits.astype(np.float32, copy=False), np.float32(MASKED_LOGIT)))
-    end = _softmax(np.where(mask, end_logits.astype(np.float32, copy=False), np.float32(MASKED_LOGIT)))
+    # Start and end rows stacked: one masking and one softmax for both (row by row, so the same numbers).
+    logits = np.concatenate((start_logits, end_logits)).astype(np.float32, copy=False)
+    probabilities = _softmax(np.where(np.concatenate((mask, mask)), logits, np.float32(MASKED_LOGIT)))
+    start, end = probabilities[:rows], probabilities[rows:]
     null_scores = (start[:, 0] * end[:, 0]).tolist()
-    start[:, 0] = 0.0
-    end[:, 0] = 0.0
+    probabilities[:, 0] = 0.0
     span = min(params.max_answer_len, start.shape[1])
     scores = _span_band(start, end, span, np.multiply, 0.0)
     spans = _best_spans(windows, indices, scores, span, candidates_per_window(params), params.align_to_words)
