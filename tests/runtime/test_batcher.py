@@ -318,22 +318,33 @@ async def test_lone_window_on_idle_lanes_runs_on_the_solo_replica(make_rig: Make
     assert not any(lane.batches for lane in lanes)
 
 
+async def test_a_lone_requests_windows_run_on_the_solo_replica_equal_lengths_together(make_rig: MakeRig) -> None:
+    rig = make_rig(replicas=2, spread=True, solo=True)
+    *lanes, solo = rig.replicas
+
+    result = await asyncio.wait_for(run(rig.batcher, "long", [384, 384, 384, 200]), PATIENCE)
+
+    assert result[0] == expected("long", [384, 384, 384, 200])
+    assert solo.batches == [[Win("long", i, 384) for i in range(3)], [Win("long", 3, 200)]]
+    assert not any(lane.batches for lane in lanes)
+
+
 async def test_lanes_never_run_beside_the_solo_replica_and_take_what_queues_behind_it(make_rig: MakeRig) -> None:
     rig = make_rig(replicas=2, spread=True, solo=True)
     *lanes, solo = rig.replicas
     solo.hold()
     lone = submit(rig.batcher, "lone", [30])
     await eventually(lambda: bool(solo.batches), "the lone window to reach the solo replica")
-    pair = submit(rig.batcher, "pair", [20, 20])
-    await eventually(lambda: rig.batcher.queued_windows == 2, "the pair to be queued")
+    pair = [submit(rig.batcher, name, [20]) for name in ("first", "second")]
+    await eventually(lambda: rig.batcher.queued_windows == 2, "both requests to be queued")
     await asyncio.sleep(0.05)
     assert not any(lane.batches for lane in lanes), "a lane started while the solo replica held every core"
     solo.release()
 
     assert (await lone)[0] == expected("lone", [30])
-    assert (await pair)[0] == expected("pair", [20, 20])
+    assert [(await task)[0] for task in pair] == [expected("first", [20]), expected("second", [20])]
     assert solo.seen() == [Win("lone", 0, 30)]
-    assert sorted(len(lane.seen()) for lane in lanes) == [1, 1], "the pair's windows ran side by side on the lanes"
+    assert sorted(len(lane.seen()) for lane in lanes) == [1, 1], "the two requests ran side by side on the lanes"
 
 
 async def test_a_second_window_goes_to_a_free_lane_while_another_lane_runs(make_rig: MakeRig) -> None:
@@ -341,15 +352,15 @@ async def test_a_second_window_goes_to_a_free_lane_while_another_lane_runs(make_
     *lanes, solo = rig.replicas
     for lane in lanes:
         lane.hold()
-    pair = submit(rig.batcher, "pair", [20, 20])
+    pair = [submit(rig.batcher, name, [20]) for name in ("first", "second")]  # queued together: not a lone request
     await eventually(lambda: all(lane.batches for lane in lanes), "both lanes to take a window")
     lanes[0].release()
-    third = submit(rig.batcher, "third", [10])  # one window queued, but a lane still runs: not the solo's turn
+    third = submit(rig.batcher, "third", [10])  # a lone request, but a lane still runs: not the solo's turn
 
     await eventually(lambda: len(lanes[0].batches) == 2, "the free lane to take it")
     lanes[1].release()
     assert (await third)[0] == expected("third", [10])
-    assert (await pair)[0] == expected("pair", [20, 20])
+    assert [(await task)[0] for task in pair] == [expected("first", [20]), expected("second", [20])]
     assert not solo.batches
 
 

@@ -219,8 +219,9 @@ class Batcher(Generic[In, Out]):
     Windows of cancelled or expired requests leave the queue before they cost a forward pass; a failing forward
     fails exactly the requests whose windows were in that batch.
 
-    `solo`, one of `replicas` (a CPU model's replica with every core, runtime/policy.py), runs a lone window:
-    it alone starts when one window is queued and no forward pass runs, and no other replica starts while it runs.
+    `solo`, one of `replicas` (a CPU model's replica with every core, runtime/policy.py), runs a lone request: it
+    alone starts when every queued window belongs to one request and no forward pass runs, takes that request's
+    windows (equal lengths together), and no other replica starts while it runs.
     """
 
     def __init__(
@@ -326,7 +327,7 @@ class Batcher(Generic[In, Out]):
                 await self._wait_for_incoming(loop)
                 if not self._may_run(replica):
                     continue
-            batch = self._take_batch(loop.time())
+            batch = self._take_batch(loop.time(), lone=solo)
             if not batch:
                 continue
             requests = {queued.request for queued in batch}
@@ -375,14 +376,19 @@ class Batcher(Generic[In, Out]):
             await self._wakeup.wait()
 
     def _may_run(self, replica: Replica[In, Out]) -> bool:
-        """With a solo replica: it takes a lone window while nothing runs; the others take everything else, and
-        never start beside it."""
+        """With a solo replica: it takes a lone request's windows while nothing runs; the others take everything
+        else, and never start beside it."""
         if self._solo is None:
             return True
         if self._solo_running:
             return False
-        lone = self._running == 0 and len(self._pending) == 1
-        return lone if replica is self._solo else not lone
+        return self._lone_request() if replica is self._solo else not self._lone_request()
+
+    def _lone_request(self) -> bool:
+        """Nothing runs and every queued window belongs to one request (its keys are all the queued ones)."""
+        if self._running or not self._pending:
+            return False
+        return len(next(iter(self._pending.values())).request.keys) == len(self._pending)
 
     async def _wait_for_incoming(self, loop: asyncio.AbstractEventLoop) -> None:
         """Gives requests being tokenized up to max_wait to join a batch that is not full yet."""
@@ -396,8 +402,9 @@ class Batcher(Generic[In, Out]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
-    def _take_batch(self, now: float) -> list[QueuedWindow]:
-        """Oldest live window first, then the queued windows closest to its length, within the limits."""
+    def _take_batch(self, now: float, lone: bool = False) -> list[QueuedWindow]:
+        """Oldest live window first, then the queued windows closest to its length, within the limits. `lone`: the
+        solo replica's batch, which is not limited to a lane's share of the queue."""
         limits = self.limits
         candidates: list[QueuedWindow] = []
         for queued in list(self._pending.values()):
@@ -417,7 +424,8 @@ class Batcher(Generic[In, Out]):
         anchor = candidates[0].length
         most = limits.max_windows
         if limits.spread:
-            most = min(most, -(-len(candidates) // self._lanes))
+            if not lone:
+                most = min(most, -(-len(candidates) // self._lanes))
             candidates = [queued for queued in candidates if queued.length == anchor]
         candidates.sort(key=lambda queued: abs(queued.length - anchor))  # stable: FIFO among equal distances
         batch: list[QueuedWindow] = []

@@ -55,7 +55,7 @@ class Loaded:
     revision: str  # sha256:<hex> of the weights file, or the hub commit
     max_positions: int | None  # the model config's max_position_embeddings, where it records one
     close: Callable[[], None]  # frees the replicas (on their own threads) and their device memory
-    # The replica with every core that runs a lone window while the others idle (policy.py); load_replicas sets it.
+    # The replica with every core that runs a lone request while the others idle (policy.py); load_replicas sets it.
     solo: Replica[WindowInput, WindowLogits] | None = None
 
 
