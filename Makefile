@@ -14,7 +14,7 @@ apt_install = dpkg -s $(1) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(1); }
 
 .PHONY: install browser prometheus node-deps client-deps proto proto-check proto-lint proto-breaking layers run test lint docker \
-	docker-export wheels image-context release deploy-check bench bench-reader bench-gpu accuracy \
+	docker-export wheels image-context release deploy-check bench bench-reader bench-gpu bench-threads accuracy \
 	parity reliability clean
 
 install: $(STAMP)
@@ -261,6 +261,11 @@ bench: $(STAMP)
 # bench/gpu.py on a CUDA GPU (ARGS: --dtypes, --batch-sizes, --dry-run to check it on a CPU; see --help).
 bench-gpu: $(STAMP)
 	PYTHONPATH=tests $(BIN)/python -m bench.gpu $(ARGS)
+
+# How a CPU model's forward passes should share the cores (bench/threads.py: the numbers behind runtime/policy.py;
+# ARGS: --rounds, --seconds, --context-paragraphs, --no-torch).
+bench-threads: $(STAMP)
+	$(BIN)/python -m bench.threads $(ARGS)
 
 accuracy: $(STAMP)
 	$(BIN)/python -m bench.accuracy $(ARGS)

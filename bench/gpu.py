@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- versions: torch {version('torch')} (CUDA {torch.version.cuda}), onnxruntime {version('onnxruntime')}"
         f"{', onnxruntime-gpu ' + version('onnxruntime-gpu') if version('onnxruntime-gpu') != 'absent' else ''}, "
         f"transformers {version('transformers')}",
-        f"- command: `{command_line(argv).replace('bench.load', 'bench.gpu')}`",
+        f"- command: `{command_line(argv, 'bench.gpu')}`",
         *(f"- {note}" for note in notes),
         "- bare rows: windows per second in batches of the given size; server rows: answers per second at the given "
         "concurrency; GPU utilisation n/a without NVML (pip install nvidia-ml-py)",

@@ -392,11 +392,11 @@ def git_commit() -> str:
     return "unknown"
 
 
-def command_line(argv: Sequence[str]) -> str:
+def command_line(argv: Sequence[str], module: str = "bench.load") -> str:
     python = Path(sys.executable)
     with contextlib.suppress(ValueError):
         python = python.relative_to(Path.cwd())
-    return shlex.join([str(python), "-m", "bench.load", *argv])
+    return shlex.join([str(python), "-m", module, *argv])
 
 
 # -- the run ---------------------------------------------------------------------------------------------------------
