@@ -111,11 +111,13 @@ def table(rows: Sequence[Row]) -> list[str]:
 
 
 def targets(rows: Sequence[Row]) -> list[str]:
-    """One line per target whose rows were measured: the median over rounds, its range, met or not."""
+    """One line per target whose Answer rows were measured: the median over rounds, its range, met or not. (The other
+    doors and the streams are held to the Answer row of their server instead: doors().)"""
     lines = []
     for target in TARGETS:
         for (model, label, backend, concurrency), measured in cells(rows).items():
-            if measured[0].bare or backend != target.backend or concurrency != target.concurrency:
+            first = measured[0]
+            if first.bare or first.door != GRPC or backend != target.backend or concurrency != target.concurrency:
                 continue
             name = "(a')" if target.against == BARE_ONNX else "(a)"
             if target.p50_ms is not None:

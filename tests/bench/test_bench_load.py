@@ -227,4 +227,6 @@ def test_the_other_doors_and_the_streams_are_measured_on_the_same_server_and_com
         "HTTP JSON @ 1", "HTTP JSON @ 32", "V2 gRPC @ 1", "gRPC AnswerMany @ 32", "gRPC AnswerProgressive @ 1",
     ]  # fmt: skip
     assert compared[3].endswith("x gRPC Answer's q/s") and ": p50 " in compared[4] and "vs gRPC Answer" in compared[4]
+    targeted = [line.split(": ")[0] for line in text.splitlines() if line.endswith("met")]
+    assert targeted == [f"- {tiny_model_dir.name}, qaserve --backend torch, cache off @ {c}" for c in (1, 32)]
     assert "- errors: 0" in text
