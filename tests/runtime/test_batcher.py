@@ -318,15 +318,32 @@ async def test_lone_window_on_idle_lanes_runs_on_the_solo_replica(make_rig: Make
     assert not any(lane.batches for lane in lanes)
 
 
-async def test_a_lone_requests_windows_run_on_the_solo_replica_equal_lengths_together(make_rig: MakeRig) -> None:
+async def test_a_lone_requests_windows_run_on_the_solo_replica_one_at_a_time(make_rig: MakeRig) -> None:
     rig = make_rig(replicas=2, spread=True, solo=True)
     *lanes, solo = rig.replicas
 
     result = await asyncio.wait_for(run(rig.batcher, "long", [384, 384, 384, 200]), PATIENCE)
 
     assert result[0] == expected("long", [384, 384, 384, 200])
-    assert solo.batches == [[Win("long", i, 384) for i in range(3)], [Win("long", 3, 200)]]
+    assert solo.batches == [[Win("long", i, n)] for i, n in enumerate([384, 384, 384, 200])]
     assert not any(lane.batches for lane in lanes)
+
+
+async def test_a_request_arriving_beside_a_lone_one_sends_both_to_the_lanes(make_rig: MakeRig) -> None:
+    rig = make_rig(replicas=2, spread=True, solo=True)
+    *lanes, solo = rig.replicas
+    solo.hold()
+    long = submit(rig.batcher, "long", [384, 384, 384])
+    await eventually(lambda: bool(solo.batches), "the lone request's first window to reach the solo replica")
+    short = submit(rig.batcher, "short", [50])
+    await eventually(lambda: rig.batcher.queued_windows == 3, "the new request to be queued")
+    solo.release()
+
+    assert (await long)[0] == expected("long", [384, 384, 384])
+    assert (await short)[0] == expected("short", [50])
+    assert solo.seen() == [Win("long", 0, 384)]
+    on_lanes = [w for lane in lanes for w in lane.seen()]
+    assert sorted(on_lanes, key=output_of) == [Win("long", 1, 384), Win("long", 2, 384), Win("short", 0, 50)]
 
 
 async def test_lanes_never_run_beside_the_solo_replica_and_take_what_queues_behind_it(make_rig: MakeRig) -> None:

@@ -221,7 +221,8 @@ class Batcher(Generic[In, Out]):
 
     `solo`, one of `replicas` (a CPU model's replica with every core, runtime/policy.py), runs a lone request: it
     alone starts when every queued window belongs to one request and no forward pass runs, takes that request's
-    windows (equal lengths together), and no other replica starts while it runs.
+    oldest window, and no other replica starts while it runs. One window a pass ran as fast as equal-length batches
+    on every core, and between passes a request that arrives meanwhile sends both requests' windows to the lanes.
     """
 
     def __init__(
@@ -327,7 +328,7 @@ class Batcher(Generic[In, Out]):
                 await self._wait_for_incoming(loop)
                 if not self._may_run(replica):
                     continue
-            batch = self._take_batch(loop.time(), lone=solo)
+            batch = self._take_batch(loop.time(), solo=solo)
             if not batch:
                 continue
             requests = {queued.request for queued in batch}
@@ -402,9 +403,9 @@ class Batcher(Generic[In, Out]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
-    def _take_batch(self, now: float, lone: bool = False) -> list[QueuedWindow]:
-        """Oldest live window first, then the queued windows closest to its length, within the limits. `lone`: the
-        solo replica's batch, which is not limited to a lane's share of the queue."""
+    def _take_batch(self, now: float, solo: bool = False) -> list[QueuedWindow]:
+        """Oldest live window first, then the queued windows closest to its length, within the limits; the solo
+        replica's batch is that oldest window alone."""
         limits = self.limits
         candidates: list[QueuedWindow] = []
         for queued in list(self._pending.values()):
@@ -423,9 +424,11 @@ class Batcher(Generic[In, Out]):
             return []
         anchor = candidates[0].length
         most = limits.max_windows
+        if solo:
+            most = 1
+        elif limits.spread:
+            most = min(most, -(-len(candidates) // self._lanes))
         if limits.spread:
-            if not lone:
-                most = min(most, -(-len(candidates) // self._lanes))
             candidates = [queued for queued in candidates if queued.length == anchor]
         candidates.sort(key=lambda queued: abs(queued.length - anchor))  # stable: FIFO among equal distances
         batch: list[QueuedWindow] = []

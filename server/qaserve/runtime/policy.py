@@ -9,10 +9,10 @@ Chosen per device from measurement (docs/performance.md has the runs; 2-core CPU
   32 where one two-threaded replica batching up to 32 windows gave 54-62, and batching on those lanes cost 15% again.
   But a lone request on one lane runs on one core: the torch model's concurrency-1 p50 doubled (57-68 ms against
   35-41). So each CPU model also gets a "solo" replica with every core, which runs a lone request (every queued
-  window is that request's, every lane idle) and no lane starts while it runs: the cores are never oversubscribed,
-  a lone request gets them all (a long context's windows too, as the bare model's one batch would), a loaded server
-  keeps every lane busy. A batch on a CPU takes only windows of its oldest window's length; on a lane, at most its
-  share of the queue, so the windows of many requests spread over the lanes.
+  window is that request's, every lane idle), a window a pass, and no lane starts while it runs: the cores are never
+  oversubscribed, a lone request gets them all (a long context's windows too: 42 ms where the bare model's one padded
+  batch took 49), a loaded server keeps every lane busy. A lane's batch takes only windows of its oldest window's
+  length, at most its share of the queue, so the windows of many requests spread over the lanes.
 - GPU (and MPS): one replica per device that batches by a token budget (device.default_batch_tokens): a GPU keeps
   gaining from bigger batches far past where a CPU stops.
 
