@@ -28,7 +28,7 @@ from typing import Any
 from bench.bare import MAX_LENGTH, STRIDE, percentile
 from bench.drive import Connection, closed_loop_to
 from bench.evaldata import SQUAD_DEV, load_questions
-from bench.load import EMBEDDED, ServerProcess, command_line, machine, select_workload, version
+from bench.load import EMBEDDED, ServerProcess, command_line, machine, publish, select_workload, version
 
 DTYPES = ("float32", "float16", "bfloat16")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -282,10 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *table(rows),
     ]
-    text = "\n".join(report)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    publish(report, args.markdown)
     return 0
 
 

@@ -346,10 +346,7 @@ def target_main(args: argparse.Namespace, argv: Sequence[str], workload: list[tu
         plot = args.plot or Path("load.png")
         write_plot(rows, plot, f"qaserve at {args.target}")
         report.append(f"- plot: {plot}")
-    text = "\n".join(report)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    publish(report, args.markdown)
     return 1 if errors else 0
 
 
@@ -390,6 +387,14 @@ def git_commit() -> str:
         if done.returncode == 0:
             return done.stdout.strip() + (" + local changes" if dirty.stdout.strip() else "")
     return "unknown"
+
+
+def publish(lines: Sequence[str], markdown: Path | None) -> None:
+    """Prints a report, and writes it to `markdown` where given."""
+    text = "\n".join(lines)
+    print(text)
+    if markdown:
+        markdown.write_text(text + "\n")
 
 
 def command_line(argv: Sequence[str], module: str = "bench.load") -> str:
@@ -550,10 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot:
         rounds.write_plot(rows, args.plot, f"qaserve against the bare model, {machine().split(',')[0]}")
         report.append(f"- plot: {args.plot}")
-    text = "\n".join(report)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    publish(report, args.markdown)
     return 1 if errors else 0
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.bare import MAX_LENGTH, STRIDE
 from bench.evaldata import SQUAD_DEV, load_questions
-from bench.load import EMBEDDED, ROOT, command_line, machine, select_workload
+from bench.load import EMBEDDED, ROOT, command_line, machine, publish, select_workload
 
 Feed = dict[str, Any]
 
@@ -285,10 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label in sorted(measured):
         values = measured[label]
         lines.append(f"| {label} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
-    report = "\n".join(lines)
-    print(report)
-    if args.markdown:
-        args.markdown.write_text(report + "\n")
+    publish(lines, args.markdown)
     return 0
 
 
