@@ -15,7 +15,7 @@ from qaserve.server import QAServer
 from qaserve_client.v1 import question_answering_pb2 as pb
 from qaserve_client.v1 import question_answering_pb2_grpc as pb_grpc
 
-from qaserve_testing import in_process_server, tiny_settings
+from qaserve_testing import error_reason, in_process_server, tiny_settings
 
 LONG = " ".join(f"Line {i}: the river number {i} flows into lake {i % 7} near the town of Ålesund." for i in range(80))
 SHORT = "France is a country in Western Europe. Its capital is Paris."
@@ -217,3 +217,29 @@ async def test_answer_many_client_that_stops_reading_does_not_drain_the_stream(
     # What stalled: the stream bound plus what fits the client's HTTP/2 window, not the 20,000 sent.
     assert answered < 200
     call.cancel()
+
+
+async def test_answer_many_malformed_frame_reaches_a_client_still_sending(
+    server: tuple[QAServer, pb_grpc.QuestionAnsweringServiceStub], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame that does not parse while the first item is in progress and the client is still writing the rest:
+    the client reads MALFORMED_REQUEST, not the "Internal error from Core" of a write the ended call cut off."""
+    qa_server, _ = server
+    in_progress = asyncio.Event()
+
+    async def never_done(*args: Any, **kwargs: Any) -> Any:
+        in_progress.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(qa_server.engine, "answer", never_done)
+    good = pb.AnswerManyRequest(id="good", request=request(SHORT)).SerializeToString()
+    frames = [good, b"\xff\xff\xff", *[good] * 100]
+    async with grpc.aio.insecure_channel(qa_server_target(qa_server)) as channel:
+        call = channel.stream_stream("/qaserve.v1.QuestionAnsweringService/AnswerMany")(iter(frames), timeout=30)
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            async for _ in call:
+                pass
+    assert in_progress.is_set()
+    assert failure.value.code() == grpc.StatusCode.INTERNAL
+    assert error_reason(failure.value) == "MALFORMED_REQUEST"
+    assert failure.value.details() == "the request could not be parsed as the method's request message"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,6 +20,11 @@ class _Unparsed:
 
 
 UNPARSED = _Unparsed()
+
+# How long a stream whose request did not parse goes on reading (and dropping) what the client still sends before it
+# ends: a grpc.aio client whose write is cut off by the end of the call reports "Internal error from Core" instead of
+# the status (grpc/grpc#36066). Read up to its half-close, it gets MALFORMED_REQUEST; one writing past this may not.
+DRAIN_SECONDS = 0.5
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -55,6 +62,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         async def requests_of(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for request in requests:
                 if request is UNPARSED:
+                    await _drain(requests, DRAIN_SECONDS)
                     raise MalformedRequest()  # RpcScope maps it, as any error of the handler
                 yield request
 
@@ -79,3 +87,11 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
 
             return coroutine
         return None
+
+
+async def _drain(requests: AsyncIterator[Any], within: float) -> None:
+    """Reads and drops `requests` up to the client's half-close, for `within` seconds at most."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            async for _ in requests:
+                pass
