@@ -1,6 +1,6 @@
 """Question-answering core: request types, windowing, span decoding and the reader (no gRPC, no device handling)."""
 
-from qaserve.qa.decoding import WindowCandidates, decode_answers, merge_candidates, score_windows
+from qaserve.qa.decoding import RunningMerge, WindowCandidates, decode_answers, merge_candidates, score_windows
 from qaserve.qa.reading import read_answers
 from qaserve.qa.types import (
     Answer,
@@ -31,6 +31,7 @@ __all__ = [
     "ReadParams",
     "ReadRequest",
     "ReadResult",
+    "RunningMerge",
     "ScoreMode",
     "Timing",
     "WindowCandidates",

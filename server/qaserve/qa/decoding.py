@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,21 +142,96 @@ def _best_spans(
 
 def merge_candidates(context: str, candidates: Sequence[WindowCandidates], params: QAParams) -> list[Answer]:
     """Merges windows' candidates (in window order) into the top_k answers."""
-    assert params.top_k is not None, "params must be resolved"
-    # By lower-cased text: the summed score and the first span (a dict keeps the order texts were first found in).
-    found: dict[str, tuple[float, int, int]] = {}
+    found: dict[str, _Merged] = {}
+    _add_spans(context, candidates, found, {})
+    return _ranked(context, found.values(), min((c.null_score for c in candidates), default=None), params)
+
+
+class RunningMerge:
+    """merge_candidates over windows added as they are scored, in any order: answers() equals merge_candidates of
+    the windows added so far, in window order. Adding a window costs its own spans, not those of every window
+    added before it."""
+
+    def __init__(self, context: str, params: QAParams) -> None:
+        assert params.top_k is not None, "params must be resolved"
+        self._context = context
+        self._params = params
+        self._top_k = params.top_k
+        self._found: dict[str, _Merged] = {}  # windows 0 .. _next - 1
+        # _found's top_k texts. Scores only grow, so only a text that later windows add to can pass them.
+        self._leaders: list[str] = []
+        self._next = 0
+        self._ahead: dict[int, WindowCandidates] = {}  # windows added while an earlier one is missing
+        self._null_score: float | None = None
+
+    @property
+    def windows(self) -> int:
+        """How many windows were added."""
+        return self._next + len(self._ahead)
+
+    def add(self, index: int, window: WindowCandidates) -> None:
+        """Adds the candidates of window `index`."""
+        self._ahead[index] = window
+        null_score = window.null_score
+        self._null_score = null_score if self._null_score is None else min(self._null_score, null_score)
+        while self._next in self._ahead:
+            touched = _add_spans(self._context, [self._ahead.pop(self._next)], self._found, {})
+            self._leaders = _best(self._top_k, {key: self._found[key] for key in (*self._leaders, *touched)})
+            self._next += 1
+
+    def answers(self) -> list[Answer]:
+        """The top_k answers among the windows added so far."""
+        ahead: dict[str, _Merged] = {}  # the texts of the windows past the missing one, with their totals
+        _add_spans(self._context, [self._ahead[i] for i in sorted(self._ahead)], ahead, self._found)
+        contenders = {key: self._found[key] for key in self._leaders} | ahead
+        return _ranked(self._context, contenders.values(), self._null_score, self._params)
+
+
+# A text's merge: (summed score, char_start, char_end, order), the span of the first window that found it, and how
+# many texts were found before it (which decides between equal scores).
+_Merged = tuple[float, int, int, int]
+
+
+def _add_spans(
+    context: str, candidates: Iterable[WindowCandidates], found: dict[str, _Merged], earlier: Mapping[str, _Merged]
+) -> list[str]:
+    """Adds the windows' spans, in order, to `found` by lower-cased text: scores summed, the first span kept. A text
+    new to `found` continues its entry in `earlier`, or comes after every text of both. Returns the texts added to."""
+    touched = []
     for window in candidates:
         for score, char_start, char_end in window.spans:
             key = context[char_start:char_end].lower()
-            known = found.get(key)
-            found[key] = (score, char_start, char_end) if known is None else (known[0] + score, known[1], known[2])
-    ranked: list[tuple[float, tuple[int, int] | None]] = [(score, (s, e)) for score, s, e in found.values()]
-    if params.handle_impossible_answer and candidates:
-        ranked.append((min(c.null_score for c in candidates), None))  # the empty answer
-    ranked.sort(key=lambda r: r[0], reverse=True)
+            known = found.get(key) or earlier.get(key)
+            if known is None:
+                found[key] = (score, char_start, char_end, len(earlier) + len(found))
+            else:
+                found[key] = (known[0] + score, known[1], known[2], known[3])
+            touched.append(key)
+    return touched
+
+
+def _best(k: int, found: Mapping[str, _Merged]) -> list[str]:
+    """The k best texts of `found`, best first."""
+    return heapq.nsmallest(k, found, key=lambda key: _rank(found[key]))
+
+
+def _rank(merged: _Merged) -> tuple[float, int]:
+    """Sorts best first: the highest score, between equal scores the text found first."""
+    return -merged[0], merged[3]
+
+
+def _ranked(context: str, found: Iterable[_Merged], null_score: float | None, params: QAParams) -> list[Answer]:
+    """The top_k answers among the merged texts and, with handle_impossible_answer, the empty answer scoring the
+    lowest `null_score` of the windows (None: no window), after the texts of its score."""
+    assert params.top_k is not None, "params must be resolved"
+    best: list[tuple[float, tuple[int, int] | None]] = [
+        (score, (s, e)) for score, s, e, _ in heapq.nsmallest(params.top_k, found, key=_rank)
+    ]
+    if params.handle_impossible_answer and null_score is not None:
+        best.insert(sum(score >= null_score for score, _ in best), (null_score, None))
     return [
         answer_at(context, score, *span) if span is not None else Answer("", score, 0, 0, 0, 0)
-        for score, span in ranked[: params.top_k]
+        for score, span in best[: params.top_k]
     ]
 
 
