@@ -38,7 +38,7 @@ from qaserve.runtime.backends.base import Logits, WindowInput, WindowLogits
 from qaserve.runtime.batcher import BatchTiming, WindowResults
 from qaserve.runtime.cache import CachedAnswers, CacheKey, ResponseCache, cache_key, read_cache_key
 from qaserve.runtime.cache_entry import ModelState, ServingModel
-from qaserve.runtime.model import QAModel, model_loader
+from qaserve.runtime.model import ModelLoader, QAModel
 from qaserve.runtime.registry import ModelRegistry
 from qaserve.runtime.spec import ModelsConfig
 
@@ -234,15 +234,15 @@ class QAEngine:
         indices = [index for index, _ in finished]
         outputs = [logits for _, logits in finished]
         score = functools.partial(_score, windows, indices, outputs, params)
-        scored = score() if len(finished) <= INLINE_SCORE_WINDOWS else await _on_pool(self._executor, score)
+        scored = await _here_or_pool(self._executor, score, here=len(finished) <= INLINE_SCORE_WINDOWS)
         for index, candidates in zip(indices, scored, strict=True):
             merged.add(index, candidates)
         return QAProgress(tuple(merged.answers()), merged.windows, len(windows))
 
 
-async def _on_pool(executor: Executor, fn: Callable[[], R]) -> R:
-    """fn() on `executor`, off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(executor, fn)
+async def _here_or_pool(executor: Executor, fn: Callable[[], R], *, here: bool) -> R:
+    """fn() here on the event loop when `here` (work shorter than the hop), else on `executor`."""
+    return fn() if here else await asyncio.get_running_loop().run_in_executor(executor, fn)
 
 
 def _model_ref(model: QAModel) -> ModelRef:
@@ -280,7 +280,7 @@ class _Stages:
         """split() (here when `inline`, else on the pool), while the batcher knows windows are on their way."""
         with self._batcher.incoming():
             t0 = time.perf_counter()
-            windows = split() if inline else await _on_pool(self._executor, split)
+            windows = await _here_or_pool(self._executor, split, here=inline)
             self.tokenize_seconds = time.perf_counter() - t0
         self._metrics.tokenize_duration.labels(self._model).observe(self.tokenize_seconds)
         self._metrics.request_context_chars.labels(self._model).observe(context_chars)
@@ -298,7 +298,7 @@ class _Stages:
     async def decode(self, decode: Callable[[], R], *, inline: bool) -> R:
         """decode() (here when `inline`, else on the pool)."""
         t0 = time.perf_counter()
-        result = decode() if inline else await _on_pool(self._executor, decode)
+        result = await _here_or_pool(self._executor, decode, here=inline)
         self.decode_seconds = time.perf_counter() - t0
         self._metrics.decode_duration.labels(self._model).observe(self.decode_seconds)
         return result
@@ -343,7 +343,7 @@ def build_engine(
         max_models=models.max_models,
         max_bytes_per_device=models.max_bytes_per_device,
         on_state=on_state,
-        loader=model_loader(intra_op_threads, tokenize_threads),
+        loader=ModelLoader(intra_op_threads, tokenize_threads),
     )
     return QAEngine(
         registry,

@@ -180,8 +180,3 @@ class ModelLoader:
 
     def load(self, spec: ModelSpec) -> QAModel:
         return load_model(spec, intra_op_threads=self.intra_op_threads, tokenize_threads=self.tokenize_threads)
-
-
-def model_loader(intra_op_threads: int = 0, tokenize_threads: int = 2) -> ModelLoader:
-    """The ModelLoader with the server's thread settings, for ModelRegistry(loader=...)."""
-    return ModelLoader(intra_op_threads, tokenize_threads)
